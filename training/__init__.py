@@ -1,0 +1,1 @@
+"""astguard.training: data -> teacher (base, AST, NT, STT) -> verified ONNX export."""

@@ -1,0 +1,120 @@
+"""One training configuration, and the paper's presets as named data.
+
+Each field's `help` is its command-line documentation. A preset is a dict of overrides; command-line values
+override the preset. The defaults are the `digits` preset (digits is the default data set); use a preset
+for CIFAR. The base model and the defended teacher share the optimisation settings (as in the paper).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = _f("digits", "data set: digits, cifar10, cifar100, or an ImageFolder directory/.zip")
+    data_root: str = _f("data", "where cifar10/cifar100 live in torchvision's format (downloaded if missing)")
+    limit_train: int | None = _f(None, "train on a class-balanced subset of this many images")
+    # model and optimisation
+    arch: str = _f("digits_cnn", "architecture (registry key)")
+    teacher: str = _f("ast", "teacher recipe (registry key)")
+    epochs: int = _f(15, "epochs for the defended teacher")
+    base_epochs: int | None = _f(None, "epochs for the base model (default: --epochs)")
+    batch_size: int = _f(64, "batch size")
+    lr: float = _f(0.05, "SGD learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "SGD weight decay")
+    schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "step"))
+    milestones: tuple[int, ...] = _f((), "epochs at which the step schedule multiplies the rate by --gamma")
+    gamma: float = _f(0.1, "step schedule factor")
+    crop_pad: int = _f(1, "random-crop padding in pixels (0: no crop)")
+    flip: bool = _f(False, "random horizontal flips")
+    # AST / STT
+    alpha: float = _f(0.05, "weight a of the divergence term (1-a weighs cross-entropy)")
+    temperature: float = _f(6.0, "softmax temperature T of the divergence term")
+    sparse_ratio: float = _f(0.2, "share of classes the sparse target keeps, in (0,1]: k = ratio x classes")
+    top_k: int | None = _f(None, "keep exactly this many logits (overrides --sparse-ratio)")
+    divergence: str = _f("epd-code", "divergence: epd-paper (as printed), epd-code (as released), kl")
+    # Nasty Teacher
+    nt_weight: float = _f(0.004, "Nasty Teacher weight w of the KL-to-base term")
+    nt_temperature: float = _f(4.0, "Nasty Teacher temperature")
+    # PGD for the adversarial training set
+    pgd_eps: float = _f(0.3, "PGD L-inf radius in [0,1] pixels")
+    pgd_step: float = _f(0.01, "PGD step size")
+    pgd_steps: int = _f(40, "PGD steps")
+    pgd_random_start: bool = _f(False, "start PGD from a random point in the eps-ball")
+    # run
+    seed: int = _f(0, "seed for initialisation, batches and augmentation")
+    eval_batch_size: int = _f(512, "batch size for evaluation and PGD")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+PRESETS: dict[str, dict] = {
+    # Small and CPU-friendly: 8x8 grey digits, so a 1-pixel crop and no flip (a flipped digit is another digit).
+    "digits": dict(dataset="digits", arch="digits_cnn", epochs=15, batch_size=64, lr=0.05, schedule="cosine",
+                    crop_pad=1, flip=False, alpha=0.05, temperature=6.0, sparse_ratio=0.2),
+    # The paper's settings (released params.json: batch 128, step schedules).
+    "cifar10-resnet18": dict(dataset="cifar10", arch="resnet18", epochs=160, batch_size=128, lr=0.1,
+                              schedule="step", milestones=(80, 120), gamma=0.1, crop_pad=4, flip=True,
+                              alpha=0.05, temperature=6.0, top_k=2, nt_weight=0.004, nt_temperature=4.0),
+    "cifar100-resnet18": dict(dataset="cifar100", arch="resnet18", epochs=200, batch_size=128, lr=0.1,
+                               schedule="step", milestones=(60, 120, 160), gamma=0.2, crop_pad=4, flip=True,
+                               alpha=0.035, temperature=30.0, top_k=7, nt_weight=0.005, nt_temperature=20.0),
+    "cifar100-resnet50": dict(dataset="cifar100", arch="resnet50", epochs=200, batch_size=128, lr=0.1,
+                               schedule="step", milestones=(60, 120, 160), gamma=0.2, crop_pad=4, flip=True,
+                               alpha=0.03, temperature=30.0, top_k=7, nt_weight=0.005, nt_temperature=20.0),
+}
+
+
+def make_config(preset: str | None = None, **overrides) -> Config:
+    """Defaults <- preset <- overrides (None values in overrides are ignored)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = replace(Config(), **PRESETS.get(preset, {})) if preset else Config()
+    names = {f.name for f in fields(Config)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown config fields: {sorted(unknown)}")
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def lr_at(cfg: Config, epoch: float, epochs: int) -> float:
+    """Learning rate at a fractional epoch: cosine to 0 over `epochs`, or steps at the milestones."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(epoch / epochs, 1.0)))
+    return cfg.lr * cfg.gamma ** sum(int(epoch) >= m for m in cfg.milestones)
+
+
+def validate(cfg: Config) -> None:
+    """Reject settings that cannot work, with a message naming the option."""
+    from training.losses import DIVERGENCES
+    from training.models import list_models
+    from training.teachers import TEACHERS
+
+    checks = [
+        (cfg.arch in list_models(), f"unknown --arch {cfg.arch!r}; known: {', '.join(list_models())}"),
+        (cfg.teacher in TEACHERS, f"unknown --teacher {cfg.teacher!r}; known: {', '.join(TEACHERS)}"),
+        (cfg.divergence in DIVERGENCES, f"unknown --divergence {cfg.divergence!r}; known: {', '.join(DIVERGENCES)}"),
+        (0 < cfg.sparse_ratio <= 1, f"--sparse-ratio must be in (0, 1], got {cfg.sparse_ratio}"),
+        (cfg.top_k is None or cfg.top_k >= 1, f"--top-k must be at least 1, got {cfg.top_k}"),
+        (0 <= cfg.alpha <= 1, f"--alpha must be in [0, 1], got {cfg.alpha}"),
+        (cfg.temperature > 0 and cfg.nt_temperature > 0, "temperatures must be positive"),
+        (cfg.epochs >= 1 and (cfg.base_epochs or 1) >= 1, "epochs must be at least 1"),
+        (cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be at least 1"),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.crop_pad >= 0, f"--crop-pad must be >= 0, got {cfg.crop_pad}"),
+        (cfg.pgd_eps >= 0 and cfg.pgd_step >= 0 and cfg.pgd_steps >= 0, "PGD settings must be >= 0"),
+        (cfg.limit_train is None or cfg.limit_train >= 1, f"--limit-train must be positive, got {cfg.limit_train}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

@@ -1,0 +1,348 @@
+"""Data sets as uint8 tensors, and a device-resident batch loader.
+
+A data set spec is `NAME` or `NAME:SPLIT` (split `train` or `test`). NAME is `digits` (scikit-learn's
+load_digits, embedded), `cifar10` / `cifar100` (torchvision's format under a data root), or the path of an
+ImageFolder tree, a directory or a .zip holding `train/<class>/*` and `test/<class>/*`.
+Every source decodes once into uint8 arrays cached as .npz, so a second run starts in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+NAMED = ("digits", "cifar10", "cifar100")
+CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """A data set that cannot be found, read or parsed; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    split: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.split}" if self.split else self.name
+
+
+def parse_spec(spec: str, default_split: str | None = None) -> DatasetSpec:
+    """`digits`, `cifar10:test`, `../shared/data/cifar10-jpeg.zip:train` -> DatasetSpec."""
+    spec = spec.strip()
+    if not spec:
+        raise DataError("empty data set spec; use NAME or NAME:SPLIT, e.g. digits:train")
+    name, sep, split = spec.rpartition(":")
+    if not sep or "/" in split or "\\" in split:
+        name, split = spec, default_split
+    elif split not in SPLITS:
+        raise DataError(f"unknown split {split!r} in {spec!r}; use one of {', '.join(SPLITS)}")
+    if name not in NAMED and not _looks_like_path(name):
+        raise DataError(f"unknown data set {name!r}: use one of {', '.join(NAMED)} "
+                        "or the path of an ImageFolder directory or .zip")
+    return DatasetSpec(name, split)
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or "/" in name or name.endswith(".zip") or os.path.exists(name)
+
+
+class Split(NamedTuple):
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+    mean: tuple[float, ...]  # per channel, of the train split in [0,1]; the model normalises with these
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[2]
+
+    @property
+    def color_mode(self) -> str:
+        return "L" if self.in_channels == 1 else "RGB"
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def limit_train(self, n: int | None, seed: int = 0) -> "Dataset":
+        """A class-balanced subset of n training images (same seed, same subset); test is kept whole."""
+        if n is None or n >= len(self.train.labels):
+            return self
+        if n < self.num_classes:
+            raise DataError(f"--limit-train {n} is smaller than the number of classes ({self.num_classes})")
+        idx = balanced_subset(self.train.labels, n, seed)
+        return Dataset(self.name, Split(self.train.images[idx], self.train.labels[idx]), self.test,
+                       self.classes, self.mean, self.std)
+
+
+def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices of n items, as equal per class as the classes allow, in ascending order."""
+    g = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    per_class = [torch.nonzero(labels == c).flatten() for c in classes]
+    per_class = [ix[torch.randperm(len(ix), generator=g)] for ix in per_class]
+    quota = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
+    # Classes smaller than their quota hand the rest to the others, round-robin.
+    taken = [min(q, len(ix)) for q, ix in zip(quota, per_class)]
+    spare = n - sum(taken)
+    while spare > 0:
+        grew = False
+        for i, ix in enumerate(per_class):
+            if spare and taken[i] < len(ix):
+                taken[i] += 1
+                spare -= 1
+                grew = True
+        if not grew:
+            break
+    return torch.cat([ix[:t] for ix, t in zip(per_class, taken)]).sort().values
+
+
+# ---------------------------------------------------------------- sources: each returns numpy arrays
+
+def _load_digits(_: Path) -> tuple:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    # load_digits holds 0..16 intensities; scale to uint8 so every source speaks the same pixel format.
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    labels = d.target.astype(np.int64)
+    tr, te = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
+    tr, te = np.sort(tr), np.sort(te)
+    return images[tr], labels[tr], images[te], labels[te], [str(c) for c in d.target_names]
+
+
+def _load_cifar(num_classes: int):
+    def load(root: Path) -> tuple:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
+        out = []
+        for train in (True, False):
+            try:
+                ds = cls(str(root), train=train, download=False)
+            except RuntimeError:
+                try:
+                    ds = cls(str(root), train=train, download=True)
+                except Exception as e:  # no network, proxy refusal, partial file...
+                    raise DataError(
+                        f"CIFAR-{num_classes} is not under {root} and could not be downloaded ({type(e).__name__}: "
+                        f"{e}). Put torchvision's extracted CIFAR-{num_classes} folder there (--data-root), "
+                        "or give an ImageFolder zip such as ../shared/data/cifar10-jpeg.zip") from None
+            out += [np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64)]
+        return (*out, list(ds.classes))
+
+    return load
+
+
+def _load_image_folder(path: Path) -> tuple:
+    """ImageFolder layout in a directory or zip: [prefix/]train/<class>/<file>, [prefix/]test/<class>/<file>."""
+    if not path.exists():
+        raise DataError(f"data set {str(path)!r} does not exist")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is neither a directory nor a zip file")
+    entries: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    if path.is_dir():
+        names = [p.relative_to(path).as_posix() for p in sorted(path.rglob("*")) if p.is_file()]
+        read = lambda n: (path / n).read_bytes()  # noqa: E731
+    else:
+        zf = zipfile.ZipFile(path)
+        names = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+        read = zf.read
+    for n in names:
+        parts = n.split("/")
+        if len(parts) < 3 or parts[-3] not in SPLITS or any(p.startswith((".", "__MACOSX")) for p in parts):
+            continue
+        if n.lower().endswith(IMAGE_EXTENSIONS):
+            entries[parts[-3]].append((n, parts[-2]))
+    if not entries["train"] or not entries["test"]:
+        raise DataError(f"no images in {path} under train/<class>/ and test/<class>/ "
+                        f"(found {len(entries['train'])} train, {len(entries['test'])} test)")
+    classes = sorted({c for _, c in entries["train"]})
+    unknown = sorted({c for _, c in entries["test"]} - set(classes))
+    if unknown:
+        raise DataError(f"{path}: test classes {unknown} have no training images")
+    index = {c: i for i, c in enumerate(classes)}
+
+    first = _decode(read(entries["train"][0][0]), entries["train"][0][0], None, None)
+    mode, size = first.mode, first.size
+    out = []
+    for split in SPLITS:
+        blobs = [(read(n), n) for n, _ in entries[split]]  # sequential reads: a ZipFile handle is not thread-safe
+        # Pillow releases the GIL while decoding, so threads use every core.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            imgs = list(pool.map(lambda b: np.asarray(_decode(b[0], b[1], mode, size)), blobs))
+        arr = np.stack(imgs)
+        arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+        out += [np.ascontiguousarray(arr), np.asarray([index[c] for _, c in entries[split]], dtype=np.int64)]
+    return (*out, classes)
+
+
+def _decode(blob: bytes, name: str, mode: str | None, size: tuple[int, int] | None):
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(blob))
+        img.load()
+    except Exception as e:
+        raise DataError(f"cannot decode image {name}: {e}") from None
+    if mode is None:  # the first image sets the colour mode of the whole set
+        return img.convert("L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
+    img = img.convert(mode)
+    return img if img.size == size else img.resize(size, Image.BILINEAR)
+
+
+_SOURCES = {"digits": _load_digits, "cifar10": _load_cifar(10), "cifar100": _load_cifar(100)}
+
+
+# ---------------------------------------------------------------- loading with a cache
+
+def _cache_key(name: str, data_root: Path) -> str:
+    if name in _SOURCES:
+        where = "" if name == "digits" else str(data_root.resolve())
+        return f"{name}-{hashlib.sha1(where.encode()).hexdigest()[:10]}"
+    p = Path(name).resolve()
+    st = p.stat()
+    stamp = f"{p}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}"
+    return f"{p.stem}-{hashlib.sha1(stamp.encode()).hexdigest()[:10]}"
+
+
+def load_dataset(name: str, data_root: str | Path = "data", cache_dir: str | Path | None = None) -> Dataset:
+    """Both splits of a data set by name (a spec's split part is ignored here: see parse_spec)."""
+    name = parse_spec(name).name
+    data_root = Path(data_root)
+    if name not in _SOURCES and not Path(name).exists():
+        raise DataError(f"data set {name!r} does not exist")
+    cache = Path(cache_dir) / f"{_cache_key(name, data_root)}.npz" if cache_dir else None
+    if cache is not None and cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        arrays = (z["train_x"], z["train_y"], z["test_x"], z["test_y"], [str(c) for c in z["classes"]])
+    else:
+        source = _SOURCES.get(name, _load_image_folder)
+        arrays = source(data_root if name in _SOURCES else Path(name))
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, train_x=arrays[0], train_y=arrays[1], test_x=arrays[2], test_y=arrays[3],
+                     classes=np.asarray(arrays[4]))
+            os.replace(tmp, cache)
+    train_x, train_y, test_x, test_y, classes = arrays
+    x = torch.from_numpy(train_x)
+    pixels = x.transpose(0, 1).reshape(x.shape[1], -1).double() / 255.0
+    mean = tuple(round(v, 4) for v in pixels.mean(1).tolist())
+    std = tuple(round(max(v, 1e-3), 4) for v in pixels.std(1).tolist())
+    label = name if name in _SOURCES else Path(name).name
+    return Dataset(label, Split(x, torch.from_numpy(train_y)),
+                   Split(torch.from_numpy(test_x), torch.from_numpy(test_y)), list(classes), mean, std)
+
+
+def load_split(spec: str, data_root: str | Path = "data", cache_dir: str | Path | None = None,
+               default_split: str = "train") -> tuple[Dataset, Split]:
+    """The data set and the one split a spec names (`digits:test`), for the attacker and the evaluation."""
+    s = parse_spec(spec, default_split)
+    ds = load_dataset(s.name, data_root, cache_dir)
+    return ds, ds.split(s.split or default_split)
+
+
+# ---------------------------------------------------------------- device-resident loader
+
+class Batch(NamedTuple):
+    x: torch.Tensor       # float32 [B, C, H, W] in [0,1], augmented
+    y: torch.Tensor       # the aligned targets: int64 labels or float soft labels
+    index: torch.Tensor   # positions in the loader's images, for checks and bookkeeping
+    pair: torch.Tensor | None  # the paired images (e.g. adversarial), with the *same* crop and flip as x
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+def batch_crop_flip(tensors: list[torch.Tensor], pad: int, flip: bool, generator: torch.Generator
+                    ) -> list[torch.Tensor]:
+    """Random crop after zero-padding by `pad`, and random horizontal flip: one draw, applied to every tensor."""
+    b, c, h, w = tensors[0].shape
+    device = tensors[0].device
+    if pad:
+        # Random numbers come from a CPU generator so the batches are the same on every device.
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(device)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(device)
+        rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+        bi = torch.arange(b, device=device)[:, None, None, None]
+        ci = torch.arange(c, device=device)[None, :, None, None]
+        tensors = [F.pad(t, (pad, pad, pad, pad))[bi, ci, rows, cols] for t in tensors]
+    if flip:
+        m = (torch.rand(b, generator=generator) < 0.5).to(device)[:, None, None, None]
+        tensors = [torch.where(m, t.flip(3), t) for t in tensors]
+    return tensors
+
+
+class DeviceLoader:
+    """Shuffled, augmented batches from tensors that already live on the device: no workers, no copies per item.
+
+    `pair` (e.g. the adversarial images) is indexed and augmented exactly like `images`, so each clean image
+    meets its own adversarial image. Batches depend only on (seed, epoch): a resumed run sees the same ones.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, *,
+                 pair: torch.Tensor | None = None, shuffle: bool = True, crop_pad: int = 0, flip: bool = False,
+                 drop_last: bool = False, seed: int = 0):
+        if len(images) != len(targets) or (pair is not None and pair.shape != images.shape):
+            raise ValueError("images, targets and pair must be aligned")
+        self.images, self.targets, self.pair = images, targets, pair
+        self.batch_size, self.shuffle, self.crop_pad, self.flip = batch_size, shuffle, crop_pad, flip
+        self.drop_last, self.seed = drop_last, seed
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self.images)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        order = order.to(self.images.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            xs = [self.images[idx]] + ([self.pair[idx]] if self.pair is not None else [])
+            if self.crop_pad or self.flip:
+                xs = batch_crop_flip(xs, self.crop_pad, self.flip, g)
+            yield Batch(to_float(xs[0]), self.targets[idx], idx, to_float(xs[1]) if len(xs) > 1 else None)
+
+    __iter__ = lambda self: self.epoch(0)  # noqa: E731
+
+
+def iterate_in_order(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Float [0,1] batches of `images` in order, for evaluation and attacks."""
+    for i in range(0, len(images), batch_size):
+        yield to_float(images[i:i + batch_size])

@@ -1,0 +1,97 @@
+"""Teacher recipes: a loss over a batch plus what it needs. `--teacher` is a key of TEACHERS.
+
+Stingy Teacher (ST) is not here: it is the base teacher with a top-k filter applied to its answers at
+distillation or serving time, and needs no training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.config import Config
+from training.data import Batch
+from training.losses import ast_loss, nasty_loss
+
+
+@dataclass
+class Context:
+    cfg: Config
+    top_k: int
+    base: nn.Module | None = None  # the frozen base model, in eval mode
+
+
+LossFn = Callable[[nn.Module, Batch, Context], tuple[Tensor, dict[str, Tensor], Tensor]]
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    name: str
+    summary: str
+    loss: LossFn  # -> (loss, detached loss terms, the model's logits on batch.x)
+    params: tuple[str, ...] = ()  # the Config fields the recipe reads: its hyperparameters
+    needs_base: bool = False
+    needs_adversarial: bool = False
+    nan_guard: bool = False  # skip steps whose loss is not finite (costs a device sync per step)
+
+
+TEACHERS: dict[str, TeacherRecipe] = {}
+
+
+def register_teacher(recipe: TeacherRecipe) -> TeacherRecipe:
+    TEACHERS[recipe.name] = recipe
+    return recipe
+
+
+def _base(model, batch, ctx):
+    logits = model(batch.x)
+    ce = F.cross_entropy(logits, batch.y)
+    return ce, {"ce": ce.detach()}, logits
+
+
+def _sparse_target_loss(model, batch, ctx, target):
+    cfg = ctx.cfg
+    logits = model(batch.x)
+    loss, terms = ast_loss(logits, target, batch.y, alpha=cfg.alpha, temperature=cfg.temperature,
+                           top_k=ctx.top_k, divergence=cfg.divergence)
+    return loss, terms, logits
+
+
+def _ast(model, batch, ctx):
+    # The target is the model's own answer on the *paired* adversarial image, in eval mode and without gradient,
+    # computed before the training forward so no graph is alive during it.
+    model.eval()
+    with torch.no_grad():
+        target = model(batch.pair)
+    model.train()
+    return _sparse_target_loss(model, batch, ctx, target)
+
+
+def _stt(model, batch, ctx):
+    with torch.no_grad():
+        target = ctx.base(batch.x)
+    return _sparse_target_loss(model, batch, ctx, target)
+
+
+def _nt(model, batch, ctx):
+    with torch.no_grad():
+        base_logits = ctx.base(batch.x)
+    logits = model(batch.x)
+    loss, terms = nasty_loss(logits, base_logits, batch.y, weight=ctx.cfg.nt_weight,
+                             temperature=ctx.cfg.nt_temperature)
+    return loss, terms, logits
+
+
+SPARSE = ("alpha", "temperature", "top_k", "divergence")
+PGD = ("pgd_eps", "pgd_step", "pgd_steps", "pgd_random_start")
+
+register_teacher(TeacherRecipe("base", "cross-entropy only: the undefended teacher", _base))
+register_teacher(TeacherRecipe("ast", "Adversarial Sparse Teacher: divergence to its own sparse answer on the "
+                               "paired PGD image, plus CE", _ast, SPARSE + PGD, needs_base=True, needs_adversarial=True))
+register_teacher(TeacherRecipe("stt", "Stingy-Trained Teacher: AST's loss with the base model's sparse answer "
+                               "on the clean image as target", _stt, SPARSE, needs_base=True))
+register_teacher(TeacherRecipe("nt", "Nasty Teacher: CE minus w * KL to the frozen base at temperature T",
+                               _nt, ("nt_weight", "nt_temperature"), needs_base=True, nan_guard=True))

@@ -1,0 +1,221 @@
+"""astguard-train: base model -> PGD adversarial training set -> defended teacher -> verified ONNX + model card.
+
+    python training/train_ast.py --dataset digits --out runs/digits-ast
+    astguard-train --preset cifar10-resnet18 --dataset ../shared/data/cifar10-jpeg.zip --out runs/c10-ast
+
+Layout of --out: model.onnx, model.json, metrics.json, log.jsonl, checkpoint.pt for the teacher, and the same
+for the base model under base/. A finished stage with the same settings is reused, an interrupted one continues
+with --resume.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `training` importable and keep training/ off sys.path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+from training.config import PRESETS, Config, make_config, validate  # noqa: E402
+from training.data import DataError, Dataset, load_dataset  # noqa: E402
+from training.export import ExportError, export_verified, sha256_file  # noqa: E402
+from training.loop import RunError, accuracy, fit, resolve_device  # noqa: E402
+from training.losses import DIVERGENCES, top_k_from_ratio  # noqa: E402
+from training.models import create_model, list_models  # noqa: E402
+from training.pgd import PGDConfig, adversarial_set  # noqa: E402
+from training.teachers import TEACHERS, Context  # noqa: E402
+
+# What the base model depends on: a change elsewhere (alpha, T, PGD...) reuses the cached base.
+BASE_FIELDS = ("dataset", "limit_train", "arch", "batch_size", "lr", "momentum", "weight_decay", "schedule",
+               "milestones", "gamma", "crop_pad", "flip", "seed")
+
+
+def stage_settings(cfg: Config, teacher: str, epochs: int, top_k: int) -> dict:
+    """Everything a stage's result depends on; a finished stage is reused only when these match."""
+    d = {**cfg.to_dict(), "top_k": top_k}  # the k actually used, whether from --top-k or --sparse-ratio
+    return {**{k: d[k] for k in BASE_FIELDS + TEACHERS[teacher].params}, "teacher": teacher, "epochs": epochs}
+
+
+def build_model(cfg: Config, data: Dataset, device) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    return create_model(cfg.arch, data.num_classes, data.in_channels, data.image_size, data.mean, data.std).to(device)
+
+
+def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device, *, epochs: int, top_k: int,
+                base=None, pair=None, resume=False, overwrite=False, progress=True) -> tuple[torch.nn.Module, dict]:
+    """Train one model (or reuse a finished run with the same settings); returns it and its metrics."""
+    settings = stage_settings(cfg, teacher, epochs, top_k)
+    metrics_path, ckpt_path = out_dir / "metrics.json", out_dir / "checkpoint.pt"
+    model = build_model(cfg, data, device)
+    if overwrite:
+        for p in (metrics_path, ckpt_path):
+            p.unlink(missing_ok=True)
+    if metrics_path.exists() and ckpt_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        if metrics.get("settings") != settings:
+            changed = sorted(k for k in set(settings) | set(metrics.get("settings", {}))
+                             if settings.get(k) != metrics.get("settings", {}).get(k))
+            raise RunError(f"{out_dir} holds a finished {teacher} run with other settings (differs in: "
+                           f"{', '.join(changed)}); use another --out, or --overwrite to replace it")
+        model.load_state_dict(torch.load(ckpt_path, map_location=device, weights_only=False)["model"])
+        print(f"[{teacher}] reusing the finished run in {out_dir} (test accuracy {metrics['test_accuracy']:.4f})",
+              file=sys.stderr)
+        return model.eval(), metrics
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if not resume:
+            raise RunError(f"{out_dir} holds an interrupted {teacher} run (epoch {state['epoch']}/{epochs}); "
+                           "pass --resume to continue it, or --overwrite to start again")
+        if state.get("meta") != settings:
+            raise RunError(f"cannot resume {out_dir}: its checkpoint was made with other settings; "
+                           "use the same options, another --out, or --overwrite")
+    t0 = time.time()
+    ctx = Context(cfg, top_k, base)
+    history = fit(model, TEACHERS[teacher], ctx, data.train, data.test, out_dir, epochs=epochs, device=device,
+                  pair=pair, resume=resume, progress=progress, meta=settings)
+    metrics = {"teacher": teacher, "test_accuracy": history[-1]["test_accuracy"],
+               "train_accuracy": history[-1]["train_accuracy"], "epochs": epochs,
+               "skipped_steps": sum(r["skipped_steps"] for r in history),
+               "train_seconds": round(sum(r["seconds"] for r in history), 2),
+               "wall_seconds_this_run": round(time.time() - t0, 2), "settings": settings}
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return model.eval(), metrics
+
+
+def export_stage(model, out_dir: Path, data: Dataset, cfg: Config, teacher: str, metrics: dict, name: str,
+                 version: str, base_accuracy: float) -> dict:
+    card_path, onnx_path = out_dir / "model.json", out_dir / "model.onnx"
+    if card_path.exists() and onnx_path.exists():
+        card = json.loads(card_path.read_text())
+        if (card.get("sha256") == sha256_file(onnx_path) and card.get("training") == metrics["settings"]
+                and card.get("name") == name and card.get("version") == version):
+            return card
+    sample = data.test.images[:16].float() / 255.0
+    recipe = TEACHERS[teacher]
+    card = {
+        "name": name, "version": version, "class_names": data.classes,
+        "teacher": {"type": teacher, "summary": recipe.summary,
+                    "hyperparameters": {k: metrics["settings"][k] for k in recipe.params}},
+        "dataset": {"name": data.name, "spec": cfg.dataset, "train_size": len(data.train.labels),
+                    "test_size": len(data.test.labels), "num_classes": data.num_classes,
+                    "mean": list(data.mean), "std": list(data.std)},
+        "accuracy": {"teacher": metrics["test_accuracy"], "base": base_accuracy},
+        "training": metrics["settings"],
+    }
+    return export_verified(model, out_dir, sample, card)
+
+
+def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None = None, resume: bool = False,
+        overwrite: bool = False, name: str | None = None, version: str = "1", progress: bool = True) -> dict:
+    t0 = time.time()
+    validate(cfg)
+    dev = resolve_device(device)
+    cache_dir = cache_dir or out.parent / ".cache"
+    data = load_dataset(cfg.dataset, cfg.data_root, cache_dir / "data").limit_train(cfg.limit_train, cfg.seed)
+    top_k = cfg.top_k or top_k_from_ratio(cfg.sparse_ratio, data.num_classes)
+    if top_k > data.num_classes:
+        raise ValueError(f"--top-k {top_k} exceeds the number of classes ({data.num_classes})")
+    name = name or out.resolve().name
+    recipe = TEACHERS[cfg.teacher]
+    print(f"astguard-train: {cfg.teacher} teacher, {cfg.arch} on {data.name} ({len(data.train.labels)} train / "
+          f"{len(data.test.labels)} test, {data.num_classes} classes), device {dev}", file=sys.stderr)
+
+    base_epochs = cfg.base_epochs or cfg.epochs
+    base, base_metrics = train_stage("base", cfg, data, out / "base", dev, epochs=base_epochs, top_k=top_k,
+                                     resume=resume, overwrite=overwrite, progress=progress)
+    base_acc = base_metrics["test_accuracy"]
+    export_stage(base, out / "base", data, cfg, "base", base_metrics, f"{name}-base", version, base_acc)
+
+    summary = {"base": {"test_accuracy": base_acc}}
+    pair = None
+    if recipe.needs_adversarial:
+        pgd = PGDConfig(cfg.pgd_eps, cfg.pgd_step, cfg.pgd_steps, cfg.pgd_random_start, cfg.seed)
+        t1 = time.time()
+        pair = adversarial_set(base, data.train.images, data.train.labels, pgd, cache_dir=cache_dir / "adversarial",
+                               batch_size=cfg.eval_batch_size, device=dev, progress=progress)
+        adv_acc = accuracy(base, pair, data.train.labels, dev, cfg.eval_batch_size)
+        summary["pgd"] = {"base_accuracy_on_adversarial_train": adv_acc, "seconds": round(time.time() - t1, 2),
+                          "max_linf": float((pair.float() - data.train.images.float() / 255).abs().max())}
+
+    if cfg.teacher == "base":
+        model, metrics = base, base_metrics
+    else:
+        model, metrics = train_stage(cfg.teacher, cfg, data, out, dev, epochs=cfg.epochs, top_k=top_k,
+                                     base=base if recipe.needs_base else None, pair=pair, resume=resume,
+                                     overwrite=overwrite, progress=progress)
+    card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
+    summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
+                    "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
+                    "onnx": str(out / "model.onnx"), "sha256": card["sha256"],
+                    "verification": card["verification"], "wall_seconds": round(time.time() - t0, 2)})
+    metrics.update(summary)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return summary
+
+
+# ---------------------------------------------------------------- command line
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = ("presets: " + ", ".join(PRESETS) + "\narchitectures: " + ", ".join(list_models())
+              + "\nteachers: " + "; ".join(f"{k} ({r.summary})" for k, r in TEACHERS.items())
+              + "\ndivergences: " + ", ".join(DIVERGENCES))
+    p = _Parser(prog="astguard-train", description=__doc__.split("\n\n")[0], epilog=epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--preset", choices=list(PRESETS), help="start from the paper's (or the digits) settings")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--cache-dir", type=Path, help="decoded data and PGD sets (default: <out>/../.cache)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace finished or interrupted runs in --out")
+    p.add_argument("--name", help="model name in the card (default: the --out folder's name)")
+    p.add_argument("--version", default="1", help="model version in the card (default: 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    defaults = Config()
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"help": f"{f.metadata['help']} (default: {getattr(defaults, f.name)})", "default": None}
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        kind = {"int": int, "int | None": int, "float": float, "str": str, "tuple[int, ...]": _parse_ints}[f.type]
+        p.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kw)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config)}
+    try:
+        cfg = make_config(args.preset, **overrides)
+        summary = run(cfg, args.out, device=args.device, cache_dir=args.cache_dir, resume=args.resume,
+                      overwrite=args.overwrite, name=args.name, version=args.version, progress=not args.no_progress)
+    except (DataError, RunError, ExportError, ValueError) as e:
+        print(f"astguard-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"astguard-train: interrupted; continue with the same command and --resume (checkpoints in "
+              f"{args.out})", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
