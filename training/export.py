@@ -63,7 +63,11 @@ def export_onnx(model: nn.Module, path: str | Path, in_channels: int, image_size
 def verify_onnx(model: nn.Module, path: str | Path, images: torch.Tensor, *, atol: float = 1e-4) -> dict:
     """Check the graph, then compare onnxruntime with PyTorch on batch 1 and on the whole `images` batch."""
     import onnx
-    import onnxruntime as ort
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("verifying the export needs onnxruntime: install astguard[serve] (or [gpu])") from None
 
     try:
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)

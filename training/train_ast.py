@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `training` importable and keep training/ off sys.path
@@ -47,7 +48,8 @@ def build_model(cfg: Config, data: Dataset, device) -> torch.nn.Module:
 
 
 def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device, *, epochs: int, top_k: int,
-                base=None, pair=None, resume=False, overwrite=False, progress=True) -> tuple[torch.nn.Module, dict]:
+                base=None, pair=None, resume=False, overwrite=False, progress=True, on_epoch_end=None
+                ) -> tuple[torch.nn.Module, dict]:
     """Train one model (or reuse a finished run with the same settings); returns it and its metrics."""
     settings = stage_settings(cfg, teacher, epochs, top_k)
     metrics_path, ckpt_path = out_dir / "metrics.json", out_dir / "checkpoint.pt"
@@ -77,7 +79,7 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
     t0 = time.time()
     ctx = Context(cfg, top_k, base)
     history = fit(model, TEACHERS[teacher], ctx, data.train, data.test, out_dir, epochs=epochs, device=device,
-                  pair=pair, resume=resume, progress=progress, meta=settings)
+                  pair=pair, resume=resume, progress=progress, meta=settings, on_epoch_end=on_epoch_end)
     metrics = {"teacher": teacher, "test_accuracy": history[-1]["test_accuracy"],
                "train_accuracy": history[-1]["train_accuracy"], "epochs": epochs,
                "skipped_steps": sum(r["skipped_steps"] for r in history),
@@ -111,8 +113,13 @@ def export_stage(model, out_dir: Path, data: Dataset, cfg: Config, teacher: str,
 
 
 def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None = None, resume: bool = False,
-        overwrite: bool = False, name: str | None = None, version: str = "1", progress: bool = True) -> dict:
+        overwrite: bool = False, name: str | None = None, version: str = "1", progress: bool = True,
+        on_epoch_end=None) -> dict:
+    """The whole pipeline; `on_epoch_end(stage, epoch, row)` is called after every epoch of every stage."""
     t0 = time.time()
+    def hook(stage):
+        return partial(on_epoch_end, stage) if on_epoch_end else None
+
     validate(cfg)
     dev = resolve_device(device)
     cache_dir = cache_dir or out.parent / ".cache"
@@ -127,7 +134,8 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
 
     base_epochs = cfg.base_epochs or cfg.epochs
     base, base_metrics = train_stage("base", cfg, data, out / "base", dev, epochs=base_epochs, top_k=top_k,
-                                     resume=resume, overwrite=overwrite, progress=progress)
+                                     resume=resume, overwrite=overwrite, progress=progress,
+                                     on_epoch_end=hook("base"))
     base_acc = base_metrics["test_accuracy"]
     export_stage(base, out / "base", data, cfg, "base", base_metrics, f"{name}-base", version, base_acc)
 
@@ -147,7 +155,7 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
     else:
         model, metrics = train_stage(cfg.teacher, cfg, data, out, dev, epochs=cfg.epochs, top_k=top_k,
                                      base=base if recipe.needs_base else None, pair=pair, resume=resume,
-                                     overwrite=overwrite, progress=progress)
+                                     overwrite=overwrite, progress=progress, on_epoch_end=hook(cfg.teacher))
     card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
     summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
                     "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
