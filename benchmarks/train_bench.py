@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="synthetic uint8 3x32x32 if omitted; else a load_dataset name (digits, a zip path ...)")
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm before timing")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per arm; the median is reported")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per arm; the median is reported")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers variants")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)

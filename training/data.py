@@ -356,7 +356,8 @@ class DeviceLoader:
                 xs = batch_crop_flip(xs, self.crop_pad, self.flip, g)
             yield Batch(to_float(xs[0]), self.targets[idx], idx, to_float(xs[1]) if len(xs) > 1 else None)
 
-    __iter__ = lambda self: self.epoch(0)  # noqa: E731
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
 
 
 def iterate_in_order(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
