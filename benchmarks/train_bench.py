@@ -9,7 +9,7 @@
 
 Run from the repository root:
     python benchmarks/train_bench.py [--arch cnn5] [--images 4096] [--batch-size 128] [--device auto]
-                                     [--data PATH_OR_NAME] [--pgd-steps 10] [--repeats 3] [--json PATH]
+                                     [--data PATH_OR_NAME] [--pgd-steps 10] [--repeats 7] [--json PATH]
 Every figure is the median over --repeats timed runs; the arms take turns so slow drift hits them alike.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="synthetic uint8 3x32x32 if omitted; else a load_dataset name (digits, a zip path ...)")
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm before timing")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per arm; the median is reported")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per arm; the median is reported")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers variants")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
@@ -250,36 +250,55 @@ def other_cpu_share(start) -> float | None:
     return max(0.0, other / ((end[2] - start[2]) * (os.cpu_count() or 1)))
 
 
+def speedup(fast_s: list[float], slow_s: list[float]) -> dict:
+    """Ratio of median times, and the range of the per-round ratios: the arms of one round ran back to back,
+    so that range shows how much of the ratio is this machine's run-to-run noise."""
+    rounds = [s / f for f, s in zip(fast_s, slow_s)]
+    return {"ratio": statistics.median(slow_s) / statistics.median(fast_s),
+            "round_min": min(rounds), "round_max": max(rounds)}
+
+
+def fmt(r: dict) -> str:
+    return f"{r['ratio']:.2f}x  (per-round {r['round_min']:.2f}-{r['round_max']:.2f}x)"
+
+
+def summarise(results: dict, args) -> dict:
+    summary = {}
+    for kind, label in (("train", "train"), ("loader_only", "loader only")):
+        dev = results[kind]["device_loader"]["seconds"]
+        for w in args.workers:
+            summary[f"loader speed-up ({label}, workers={w})"] = speedup(
+                dev, results[kind][f"dataloader_w{w}"]["seconds"])
+    pgd = results["pgd"]
+    summary[PGD_KEY] = speedup(pgd["pgd_linf"]["seconds"], pgd["naive_backward"]["seconds"])
+    return summary
+
+
 def report(results: dict, args) -> str:
-    lines = []
-    env = results["env"]
-    lines.append(f"astguard train_bench  torch {env['torch']}  device {env['device']}  threads {env['threads']}  "
-                 f"cpus {env['cpus']}")
-    lines.append(f"model {args.arch}  data {results['data']}  batch {args.batch_size}  timed steps {results['steps']}"
-                 f"  repeats {args.repeats} (median)")
-    for kind, title in (("train", "(1a) SGD training throughput"), ("loader_only", "(1b) loader-only throughput")):
-        lines.append("")
-        lines.append(f"{title}, images/s")
-        block = results[kind]
-        dev = block["device_loader"]["images_per_s"]
-        for name, r in block.items():
+    env, summary = results["env"], results["summary"]
+    lines = [f"astguard train_bench  torch {env['torch']}  device {env['device']}  threads {env['threads']}  "
+             f"cpus {env['cpus']}",
+             f"model {args.arch}  data {results['data']}  batch {args.batch_size}  timed steps {results['steps']}"
+             f"  repeats {args.repeats} (median)"]
+    for kind, title, label in (("train", "(1a) SGD training throughput", "train"),
+                               ("loader_only", "(1b) loader-only throughput", "loader only")):
+        lines += ["", f"{title}, images/s"]
+        for name, r in results[kind].items():
             runs = " ".join(f"{s:.2f}" for s in r["seconds"])
             lines.append(f"  {name:<16} {r['images_per_s']:>10.0f}   (runs s: {runs})")
         for w in args.workers:
-            lines.append(f"  ratio device_loader / dataloader_w{w}: {dev / block[f'dataloader_w{w}']['images_per_s']:.2f}x")
+            lines.append(f"  ratio device_loader / dataloader_w{w}: "
+                         f"{fmt(summary[f'loader speed-up ({label}, workers={w})'])}")
     p = results["pgd"]
-    lines.append("")
-    lines.append(f"(2) PGD throughput, images*steps/s (batch {args.batch_size}, {args.pgd_steps} steps, eps {PGD_EPS}, "
-                 f"step {PGD_STEP}, eval mode)")
+    lines += ["", f"(2) PGD throughput, images*steps/s (batch {args.batch_size}, {args.pgd_steps} steps, "
+                  f"eps {PGD_EPS}, step {PGD_STEP}, eval mode)"]
     for name in ("pgd_linf", "naive_backward"):
         runs = " ".join(f"{s:.2f}" for s in p[name]["seconds"])
         lines.append(f"  {name:<16} {p[name]['image_steps_per_s']:>10.0f}   (runs s: {runs})")
-    lines.append(f"  ratio pgd_linf / naive_backward: {results['summary'][PGD_KEY]:.2f}x")
+    lines.append(f"  ratio pgd_linf / naive_backward: {fmt(summary[PGD_KEY])}")
     lines.append(f"  adversarial pixels identical between the two: {100 * p['pixel_agreement']:.2f}%")
-    lines.append("")
-    lines.append("summary")
-    for k, v in results["summary"].items():
-        lines.append(f"  {k}: {v:.2f}x")
+    lines += ["", "summary"]
+    lines += [f"  {k}: {fmt(v)}" for k, v in summary.items()]
     lines.append(f"  wall time: {results['wall_s']:.1f} s")
     # Other processes on the same cores skew every figure; say so rather than hide it.
     share = env["other_cpu_share"]
@@ -309,24 +328,16 @@ def main(argv=None) -> dict:
                        "cpus": os.cpu_count(), "python": platform.python_version()},
                "args": vars(args), "data": data["name"], "steps": steps}
     results.update(bench_training(arms, model, init, args, device, steps))
+    del arms  # shuts the DataLoader workers down, so their CPU time is counted as ours below
+    gc.collect()
 
     model.load_state_dict(init)
     x = to_float(data["images"][:args.batch_size]).to(device)
     y = data["labels"][:args.batch_size].to(device)
     results["pgd"] = bench_pgd(model, x, y, args, device)
 
-    summary = {}
-    for kind in ("train", "loader_only"):
-        dev = results[kind]["device_loader"]["images_per_s"]
-        for w in args.workers:
-            label = "train" if kind == "train" else "loader only"
-            summary[f"loader speed-up ({label}, workers={w})"] = dev / results[kind][f"dataloader_w{w}"]["images_per_s"]
-    summary[PGD_KEY] = (results["pgd"]["pgd_linf"]["image_steps_per_s"]
-                              / results["pgd"]["naive_backward"]["image_steps_per_s"])
-    results["summary"] = summary
+    results["summary"] = summarise(results, args)
     results["wall_s"] = time.perf_counter() - t_start
-    del arms  # shuts the DataLoader workers down, so their CPU time is counted as ours
-    gc.collect()
     results["env"]["other_cpu_share"] = other_cpu_share(cpu_at_start)
     print(report(results, args))
     if args.json:

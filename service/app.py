@@ -1,0 +1,114 @@
+"""create_app(settings): the FastAPI application. Routes live in service/routes/, logic in service/core.py."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.config import Settings
+from service.core import Service
+from service.errors import ClientError
+
+log = logging.getLogger("astguard.service")
+
+
+class BodyTooLarge(ClientError, HTTPException):
+    """Also an HTTPException: FastAPI re-raises those from its own body reading instead of answering 400."""
+
+    def __init__(self, limit: int):
+        message = f"request body over the limit of {limit} bytes"
+        HTTPException.__init__(self, 413, message)
+        self.message, self.status, self.reason, self.headers = message, 413, "body_too_large", {}
+
+
+class Instrument:
+    """Pure ASGI middleware: counts requests by route template and status, times them, and stops request bodies
+    over the limit (by Content-Length at once, or while streaming when there is none)."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        metrics, limit = self.service.metrics, self.service.settings.max_body_bytes
+        start, status = time.perf_counter(), [500]
+        length = dict(scope["headers"]).get(b"content-length")
+        received = [0]
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if length is not None and length.isdigit() and int(length) > limit:
+                metrics.rejections.labels("body_too_large").inc()
+                response = _error_response(scope["path"], BodyTooLarge(limit))
+                await response(scope, receive, send_status)
+            else:
+                await self.app(scope, limited_receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.requests.labels(route, str(status[0])).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+def _error_response(path: str, e: ClientError) -> JSONResponse:
+    # The Open Inference Protocol's error body is {"error": ...}; the rest of the API uses FastAPI's {"detail": ...}.
+    body = {"error": e.message} if path.startswith("/v2/") else {"detail": e.message}
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
+def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
+    """The app for these settings. Loading the model, the card and the keys happens here, so a bad
+    configuration fails before the server binds its port."""
+    service = service or Service.from_settings(settings)
+    if service.keys.open:
+        log.warning("no API keys configured: the service is open to anyone who can reach it")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.runner.start()
+        # Warm up off the event loop; /v2/health/ready answers 503 until it is done.
+        warm = asyncio.create_task(asyncio.to_thread(service.model.warm_up))
+        warm.add_done_callback(lambda t: setattr(service, "ready", t.exception() is None))
+        yield
+        await service.runner.stop()
+
+    app = FastAPI(title="astguard", version="0.1.0", lifespan=lifespan,
+                  description="Defended class probabilities from an ONNX teacher. Keys: `Authorization: Bearer` "
+                              "or `X-API-Key`. Errors are JSON with a message; `/v2` speaks the Open Inference "
+                              "Protocol.")
+    app.state.service = service
+
+    @app.exception_handler(ClientError)
+    async def client_error(request: Request, e: ClientError):
+        service.metrics.rejections.labels(e.reason).inc()
+        return _error_response(request.url.path, e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        service.metrics.rejections.labels("invalid_request").inc()
+        reasons = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        return _error_response(request.url.path, ClientError(f"invalid request: {reasons}", 422))
+
+    from service.routes import info, predict, v2
+
+    for module in (predict, v2, info):
+        app.include_router(module.router)
+    app.add_middleware(Instrument, service=service)
+    return app

@@ -1,0 +1,63 @@
+"""Every setting of the service, read from ASTGUARD_* environment variables (or given on the command line)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def cpu_limit() -> int:
+    """CPUs this process may use: the container's CPU quota when there is one, else the affinity mask."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, int(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ASTGUARD_", extra="ignore")
+
+    # model and server
+    model: Path = Field(Path("model.onnx"), description="the ONNX file; its model card (model.json) lies beside it")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, description="port to bind")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDAExecutionProvider when onnxruntime offers it, else CPU")
+    log_level: str = Field("info", description="uvicorn log level")
+
+    # output defense
+    output_defense: str = Field("none", description="none, topk, round, reverse_sigmoid, label_only or dcp")
+    defense_k: int = Field(1, ge=1, description="topk: how many probabilities to keep")
+    defense_decimals: int = Field(2, ge=0, le=8, description="round: decimal places")
+    defense_beta: float = Field(0.3, ge=0, description="reverse_sigmoid, dcp: perturbation strength beta")
+    defense_gamma: float = Field(0.5, gt=0, description="reverse_sigmoid, dcp: sigmoid slope gamma")
+    defense_tau: float = Field(0.9, ge=0, le=1, description="dcp: perturb answers whose top-1 is below this")
+
+    # images
+    resize_policy: Literal["resize", "reject"] = Field(
+        "resize", description="resize: bilinear to the model's input size; reject: 400 if the size differs")
+    max_images_per_request: int = Field(64, ge=1, description="more images in one request: 413")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies: 413")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height above this: 413, before decoding")
+
+    # access control and accounting
+    api_keys: str = Field("", description="comma-separated API keys; none configured = open service")
+    api_keys_file: Path | None = Field(None, description="file with one API key per line (# comments)")
+    budget_images: int | None = Field(None, ge=0, description="images each key may ask for per budget period")
+    budget_period_s: int = Field(86400, ge=1, description="length of a budget period in seconds")
+    budget_db: Path = Field(Path("astguard-budgets.sqlite"), description="SQLite file that keeps the budgets")
+    rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second per key (token bucket)")
+    rate_limit_burst: int = Field(10, ge=1, description="token bucket size")
+
+    # performance
+    intra_op_threads: int = Field(default_factory=cpu_limit, ge=1, description="onnxruntime intra-op threads")
+    inference_workers: int = Field(1, ge=1, description="concurrent onnxruntime calls on the shared session")
+    micro_batching: bool = Field(True, description="coalesce concurrent requests into one onnxruntime call")
+    max_batch_size: int = Field(64, ge=1, description="micro-batching: at most this many images per call")
+    max_wait_ms: float = Field(2.0, ge=0, description="micro-batching: wait at most this long for more images")

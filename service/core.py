@@ -1,0 +1,141 @@
+"""What the service does, without HTTP: check access, charge the budget, run the model, apply the defense."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from service.access import ANONYMOUS, BudgetStore, KeyRing, RateLimiter
+from service.batching import MicroBatcher, Runner
+from service.config import Settings
+from service.defenses import DEFENSES, make_defense
+from service.errors import ClientError
+from service.runtime import OnnxModel, Timing
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of the app's own, so several apps can live in one process (tests)."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("astguard_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("astguard_request_seconds", "HTTP request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("astguard_queue_seconds", "time an inference waited for the model",
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.compute = Histogram("astguard_compute_seconds", "time onnxruntime computed",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("astguard_batch_images", "images per onnxruntime call",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.images = Counter("astguard_images_served", "images answered, by key id", ["key"], registry=r)
+        self.rejections = Counter("astguard_rejections", "requests refused, by reason", ["reason"], registry=r)
+
+    def observe_call(self, images: int, timing: Timing) -> None:
+        self.batch.observe(images)
+        self.queue.observe(timing.queue_s)
+        self.compute.observe(timing.compute_s)
+
+
+@dataclass
+class Answer:
+    probabilities: np.ndarray  # defended, [N, classes]
+    labels: np.ndarray  # the model's own top-1, [N]
+    remaining: int | None  # images left in the key's budget
+
+
+@dataclass
+class Service:
+    settings: Settings
+    model: OnnxModel
+    keys: KeyRing
+    budgets: BudgetStore
+    limiter: RateLimiter
+    metrics: Metrics
+    defense_name: str
+    defense_params: dict
+    runner: Runner = field(init=False)
+    ready: bool = False
+
+    def __post_init__(self):
+        self.defense, _ = make_defense(self.defense_name, **self.defense_params)
+        s = self.settings
+        if s.micro_batching:
+            self.runner = MicroBatcher(self.model, s.inference_workers, self.metrics.observe_call,
+                                       s.max_batch_size, s.max_wait_ms)
+        else:
+            self.runner = Runner(self.model, s.inference_workers, self.metrics.observe_call)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Service":
+        """Everything that can fail at start-up fails here, with one clear message (StartupError/ValueError)."""
+        if settings.output_defense not in DEFENSES:
+            raise ValueError(f"unknown output defense {settings.output_defense!r}; known: {', '.join(DEFENSES)}")
+        params = {p: getattr(settings, f"defense_{p}") for p in DEFENSES[settings.output_defense].params}
+        model = OnnxModel(settings.model, device=settings.device, intra_op_threads=settings.intra_op_threads)
+        keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
+        budgets = BudgetStore(settings.budget_db, settings.budget_images, settings.budget_period_s)
+        limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        return cls(settings, model, keys, budgets, limiter, Metrics(), settings.output_defense, params)
+
+    def identify(self, presented: str | None) -> str:
+        """The caller's identity (a key id), or a 401."""
+        if self.keys.open:
+            return ANONYMOUS
+        identity = self.keys.identify(presented)
+        if identity is None:
+            what = "missing API key" if presented is None else "unknown API key"
+            raise ClientError(f"{what}: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", 401,
+                              "unauthorized", {"WWW-Authenticate": "Bearer"})
+        return identity
+
+    def admit(self, identity: str) -> None:
+        """The rate limit: checked before the body is read, so a flood costs little."""
+        wait = self.limiter.acquire(identity)
+        if wait > 0:
+            raise ClientError(f"rate limit of {self.settings.rate_limit_per_s:g} requests/s exceeded; retry later",
+                              429, "rate_limited", self._quota_headers(identity, wait))
+
+    def _quota_headers(self, identity: str, retry_after: float = 0) -> dict[str, str]:
+        headers = {}
+        remaining = self.budgets.remaining(identity)
+        if remaining is not None:
+            headers["X-Budget-Remaining"] = str(remaining)
+        if retry_after:
+            headers["Retry-After"] = str(max(1, int(np.ceil(retry_after))))
+        return headers
+
+    async def classify(self, identity: str, images: np.ndarray) -> Answer:
+        """images: float32 [N, C, H, W] in [0,1], already validated. Charges N images, then answers."""
+        n = len(images)
+        charge = self.budgets.charge(identity, n)
+        if not charge.allowed:
+            raise ClientError(f"image budget exhausted: {charge.remaining} of {self.settings.budget_images} images "
+                              f"left in this period, {n} asked for", 429, "budget_exhausted",
+                              {"X-Budget-Remaining": str(charge.remaining), "Retry-After": str(charge.retry_after_s)})
+        try:
+            raw = await self.runner.predict(images)
+        except BaseException:
+            self.budgets.refund(identity, n)  # the server failed: the client keeps its budget
+            raise
+        self.metrics.images.labels(identity).inc(n)
+        return Answer(self.defense(raw), raw.argmax(1), charge.remaining)
+
+    def describe(self) -> dict:
+        s = self.settings
+        return {
+            "card": self.model.card,
+            "provider": self.model.provider,
+            "output_defense": {"name": self.defense_name, "params": self.defense_params,
+                               "summary": DEFENSES[self.defense_name].summary},
+            "micro_batching": {"enabled": s.micro_batching, "max_batch_size": s.max_batch_size,
+                               "max_wait_ms": s.max_wait_ms},
+            "limits": {"max_images_per_request": s.max_images_per_request, "max_body_bytes": s.max_body_bytes,
+                       "max_image_pixels": s.max_image_pixels, "resize_policy": s.resize_policy,
+                       "budget_images": s.budget_images, "budget_period_s": s.budget_period_s,
+                       "rate_limit_per_s": s.rate_limit_per_s},
+            "auth": "open" if self.keys.open else "api-key",
+        }

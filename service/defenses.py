@@ -1,0 +1,94 @@
+"""Serving-time output defenses: pure functions probs[N, C] -> probs[N, C] (numpy), each with its parameters.
+
+`ASTGUARD_OUTPUT_DEFENSE` picks one by key; its parameters come from the `ASTGUARD_DEFENSE_*` settings.
+Every row is treated on its own, so a batch mixes confident and unsure answers safely.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+def none(probs: np.ndarray) -> np.ndarray:
+    return probs
+
+
+def topk(probs: np.ndarray, k: int) -> np.ndarray:
+    """Stingy Teacher (Ma et al.): keep the k largest probabilities of each row, zero the rest, renormalise.
+    Keeps the top-1 label."""
+    k = min(k, probs.shape[1])
+    keep = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    out = np.zeros_like(probs)
+    np.put_along_axis(out, keep, np.take_along_axis(probs, keep, axis=1), axis=1)
+    return out / out.sum(1, keepdims=True)
+
+
+def round_probs(probs: np.ndarray, decimals: int) -> np.ndarray:
+    """Round to `decimals` places so that each row still sums to 1 (largest-remainder rounding).
+    Keeps the top-1 label up to ties that rounding creates."""
+    scale = 10 ** decimals
+    scaled = probs.astype(np.float64) * scale
+    floor = np.floor(scaled)
+    short = np.rint(scale - floor.sum(1)).astype(int)  # units still to hand out per row
+    order = np.argsort(-(scaled - floor), axis=1, kind="stable")
+    bump = np.arange(probs.shape[1])[None, :] < short[:, None]
+    np.put_along_axis(floor, order, np.take_along_axis(floor, order, axis=1) + bump, axis=1)
+    return (floor / scale).astype(probs.dtype)
+
+
+def reverse_sigmoid(probs: np.ndarray, beta: float, gamma: float) -> np.ndarray:
+    """Lee et al. (2019): p - beta * (sigmoid(gamma * logit(p)) - 1/2), clipped to [0,1], renormalised.
+    It misleads a student fitted to log-probabilities; it may change the top-1 of low-confidence rows with
+    many classes (it is not monotone near 0), so the service's `label` always comes from the model's own answer."""
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    r = beta * (1.0 / (1.0 + np.exp(-gamma * np.log(p / (1 - p)))) - 0.5)
+    q = np.clip(probs - r, 0.0, 1.0)
+    total = q.sum(1, keepdims=True)
+    q = np.where(total > 0, q / np.where(total > 0, total, 1), probs)
+    return q.astype(probs.dtype)
+
+
+def label_only(probs: np.ndarray) -> np.ndarray:
+    """One-hot of the top-1: a label-only API. Keeps the top-1 label."""
+    out = np.zeros_like(probs)
+    out[np.arange(len(probs)), probs.argmax(1)] = 1.0
+    return out
+
+
+def dcp(probs: np.ndarray, beta: float, gamma: float, tau: float) -> np.ndarray:
+    """Confidence-gated perturbation (after Khaled et al., 2023): reverse-sigmoid perturbation only for rows
+    whose top-1 probability is below tau, where a thief learns most; confident rows are returned as they are."""
+    unsure = probs.max(1) < tau
+    out = probs.copy()
+    if unsure.any():
+        out[unsure] = reverse_sigmoid(probs[unsure], beta, gamma)
+    return out
+
+
+@dataclass(frozen=True)
+class Defense:
+    fn: Callable[..., np.ndarray]
+    params: tuple[str, ...]  # settings `defense_<param>` passed to fn
+    keeps_top1: bool  # guaranteed by the definition (round: up to ties it creates)
+    summary: str
+
+
+DEFENSES: dict[str, Defense] = {
+    "none": Defense(none, (), True, "the model's probabilities as they are"),
+    "topk": Defense(topk, ("k",), True, "Stingy Teacher: the k largest probabilities, renormalised"),
+    "round": Defense(round_probs, ("decimals",), True, "probabilities rounded to `decimals` places, summing to 1"),
+    "reverse_sigmoid": Defense(reverse_sigmoid, ("beta", "gamma"), False, "reverse-sigmoid perturbation"),
+    "label_only": Defense(label_only, (), True, "one-hot of the top-1 label"),
+    "dcp": Defense(dcp, ("beta", "gamma", "tau"), False, "reverse sigmoid on answers with top-1 below tau"),
+}
+
+
+def make_defense(name: str, **settings) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """The defense `name` bound to its parameters (taken from `settings` by name); returns (fn, params)."""
+    if name not in DEFENSES:
+        raise ValueError(f"unknown output defense {name!r}; known: {', '.join(DEFENSES)}")
+    d = DEFENSES[name]
+    params = {p: settings[p] for p in d.params}
+    return (lambda probs: d.fn(probs, **params)), params
