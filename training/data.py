@@ -309,18 +309,22 @@ def batch_crop_flip(tensors: list[torch.Tensor], pad: int, flip: bool, generator
     """Random crop after zero-padding by `pad`, and random horizontal flip: one draw, applied to every tensor."""
     b, c, h, w = tensors[0].shape
     device = tensors[0].device
+    fresh = False
     if pad:
         # Random numbers come from a CPU generator so the batches are the same on every device.
         dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(device)
         dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(device)
-        rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
-        bi = torch.arange(b, device=device)[:, None, None, None]
-        ci = torch.arange(c, device=device)[None, :, None, None]
-        tensors = [F.pad(t, (pad, pad, pad, pad))[bi, ci, rows, cols] for t in tensors]
+        bi = torch.arange(b, device=device)
+        # unfold views every h x w window of the padded batch as [b, c, dy, dx, h, w]: picking one window per
+        # image takes three length-b indices instead of four per-pixel index tensors (about 10x faster on CPU).
+        tensors = [F.pad(t, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)[bi, :, dy, dx] for t in tensors]
+        fresh = True
     if flip:
-        m = (torch.rand(b, generator=generator) < 0.5).to(device)[:, None, None, None]
-        tensors = [torch.where(m, t.flip(3), t) for t in tensors]
+        chosen = torch.nonzero(torch.rand(b, generator=generator) < 0.5).flatten().to(device)
+        tensors = [t if fresh else t.clone() for t in tensors]  # never write into the caller's tensors
+        for t in tensors:
+            # In place on the chosen images only: torch.where with a [b,1,1,1] mask is several times slower on CPU.
+            t.index_copy_(0, chosen, t.index_select(0, chosen).flip(3))
     return tensors
 
 
