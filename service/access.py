@@ -7,20 +7,20 @@ import math
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ANONYMOUS = "anonymous"  # the identity budgets and rate limits use when no keys are configured
 
 
 def key_id(key: str) -> str:
-    """Keys are held only as SHA-256 hashes; the first 16 hex digits name a key in budgets and logs."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    """Keys are held only as SHA-256 hashes; the first 16 hex digits name a key in budgets, metrics and logs."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 class KeyRing:
     def __init__(self, keys: list[str]):
-        self._hashes = [bytes.fromhex(key_id(k)) for k in keys]
+        self._hashes = [hashlib.sha256(k.encode()).digest() for k in keys]
 
     @classmethod
     def from_settings(cls, inline: str, path: Path | None) -> "KeyRing":
@@ -55,6 +55,7 @@ class Charge:
     allowed: bool
     remaining: int | None  # images left in this period (None: no budget)
     retry_after_s: int = 0  # when refused: seconds until the period resets
+    period: int = field(default=0, compare=False)  # the period charged, so a refund goes back to the same one
 
 
 class BudgetStore:
@@ -90,7 +91,8 @@ class BudgetStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("INSERT INTO usage (key_id, period, used) VALUES (?, ?, 0) ON CONFLICT(key_id) DO UPDATE "
-                       "SET used = CASE WHEN period = excluded.period THEN used ELSE 0 END, period = excluded.period",
+                       "SET used = CASE WHEN period >= excluded.period THEN used ELSE 0 END, "
+                       "period = MAX(period, excluded.period)",  # a late, stale `now` never resets a newer period
                        (key, period))
             granted = db.execute("UPDATE usage SET used = used + ? WHERE key_id = ? AND used + ? <= ?",
                                  (n, key, n, self.budget)).rowcount == 1
@@ -100,19 +102,20 @@ class BudgetStore:
             db.execute("ROLLBACK")
             raise
         retry = 0 if granted else max(1, math.ceil((period + 1) * self.period_s - now))
-        return Charge(granted, self.budget - used, retry)
+        return Charge(granted, max(0, self.budget - used), retry, period)
 
-    def refund(self, key: str, n: int) -> None:
-        """Give back images charged for a request that then failed on the server's side."""
+    def refund(self, key: str, n: int, period: int) -> None:
+        """Give back images charged (in `period`) for a request that then failed on the server's side."""
         if self.budget is not None:
-            self._connect().execute("UPDATE usage SET used = MAX(used - ?, 0) WHERE key_id = ?", (n, key))
+            self._connect().execute("UPDATE usage SET used = MAX(used - ?, 0) WHERE key_id = ? AND period = ?",
+                                    (n, key, period))
 
     def remaining(self, key: str, now: float | None = None) -> int | None:
         if self.budget is None:
             return None
         row = self._connect().execute("SELECT period, used FROM usage WHERE key_id = ?", (key,)).fetchone()
         now = time.time() if now is None else now
-        return self.budget - (row[1] if row and row[0] == self._period(now) else 0)
+        return max(0, self.budget - (row[1] if row and row[0] == self._period(now) else 0))
 
 
 class RateLimiter:

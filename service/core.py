@@ -119,7 +119,7 @@ class Service:
         try:
             raw = await self.runner.predict(images)
         except BaseException:
-            self.budgets.refund(identity, n)  # the server failed: the client keeps its budget
+            self.budgets.refund(identity, n, charge.period)  # the server failed: the client keeps its budget
             raise
         self.metrics.images.labels(identity).inc(n)
         return Answer(self.defense(raw), raw.argmax(1), charge.remaining)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -107,8 +106,6 @@ class OnnxModel:
         self.color_mode = self.card["input"].get("color_mode", "RGB" if self.channels == 3 else "L")
         self.class_names = list(self.card["class_names"])
         self.provider = self.session.get_providers()[0]
-        self._lock = threading.Lock()  # only for the counters below
-        self.calls = 0
 
     @property
     def num_classes(self) -> int:
@@ -119,8 +116,6 @@ class OnnxModel:
         start = time.perf_counter()
         probs = self.session.run(["probabilities"], {self.input_name: np.ascontiguousarray(images, np.float32)})[0]
         end = time.perf_counter()
-        with self._lock:
-            self.calls += 1
         return probs, Timing(start - (submitted or start), end - start)
 
     def warm_up(self) -> None:

@@ -118,7 +118,7 @@ def test_no_budget_always_allows_and_reports_no_remaining(tmp_path):
     for _ in range(100):
         assert store.charge("k", 1000, now=T0) == Charge(True, None)
     assert store.remaining("k") is None
-    store.refund("k", 5)  # a no-op
+    store.refund("k", 5, period=0)  # a no-op
     assert store.remaining("k") is None
 
 
@@ -131,6 +131,19 @@ def test_a_new_period_resets_the_budget(tmp_path):
     assert store.charge("k", 1, now=T0 + 79.5) == Charge(True, 1, 0)  # 1_000_080: and the next one
 
 
+def test_a_late_charge_from_the_previous_period_does_not_reset_the_current_one(tmp_path):
+    # A charge takes `now` before it waits (up to 30 s) for the database lock, so it can arrive after another
+    # charge has already opened the next period. It must not wipe that period's usage (it used to: budget 2 gave 5).
+    store = BudgetStore(tmp_path / "b.sqlite", budget=2, period_s=60)
+    new_period, stale = 1_000_020.0, 1_000_019.9
+    assert store.charge("k", 2, now=new_period).allowed
+    late = store.charge("k", 1, now=stale)
+    assert not late.allowed and late.remaining == 0  # counted against the newer period, which is spent
+    assert not store.charge("k", 1, now=new_period).allowed
+    assert store.remaining("k", now=new_period) == 0
+    assert store.charge("k", 2, now=new_period + 60).allowed  # the period after that starts afresh
+
+
 def test_budgets_are_kept_per_key(tmp_path):
     store = BudgetStore(tmp_path / "b.sqlite", budget=2, period_s=60)
     assert store.charge("a", 2, now=T0).allowed
@@ -141,14 +154,23 @@ def test_budgets_are_kept_per_key(tmp_path):
 
 def test_refund_gives_images_back_but_never_below_zero_used(tmp_path):
     store = BudgetStore(tmp_path / "b.sqlite", budget=5, period_s=3600)
-    assert store.charge("k", 4).remaining == 1
-    store.refund("k", 3)
+    charge = store.charge("k", 4)
+    assert charge.remaining == 1
+    store.refund("k", 3, charge.period)
     assert store.remaining("k") == 4
     assert store.charge("k", 4).allowed
-    store.refund("k", 100)
+    store.refund("k", 100, charge.period)
     assert store.remaining("k") == 5
-    store.refund("never-charged", 1)  # harmless
+    store.refund("never-charged", 1, charge.period)  # harmless
     assert store.remaining("never-charged") == 5
+
+
+def test_a_refund_goes_back_to_its_own_period_only(tmp_path):
+    store = BudgetStore(tmp_path / "b.sqlite", budget=5, period_s=60)
+    old = store.charge("k", 3, now=T0)
+    assert store.charge("k", 5, now=T0 + 60).allowed  # the next period, all spent
+    store.refund("k", 3, old.period)  # arrives late: must not give the new period images back
+    assert store.remaining("k", now=T0 + 60) == 0
 
 
 def test_usage_survives_a_restart_on_the_same_file(tmp_path):
@@ -216,8 +238,7 @@ def test_concurrent_processes_never_overspend_the_budget(tmp_path):
             if w.is_alive():
                 w.kill()
     assert [w.exitcode for w in workers] == [0, 0, 0, 0]
-    print("per-process grants", counts)
-    assert sum(counts) == 100  # 160 asked, exactly the budget granted
+    assert sum(counts) == 100, counts  # 160 asked, exactly the budget granted
     assert BudgetStore(path, budget=100, period_s=3600).remaining("k") == 0
 
 
