@@ -69,7 +69,8 @@ class Instrument:
 
 def _error_response(path: str, e: ClientError) -> JSONResponse:
     # The Open Inference Protocol's error body is {"error": ...}; the rest of the API uses FastAPI's {"detail": ...}.
-    body = {"error": e.message} if path.startswith("/v2/") else {"detail": e.message}
+    # `reason` is machine-readable: a client tells an exhausted budget (stop) from a rate limit (wait and retry).
+    body = {"error" if path.startswith("/v2/") else "detail": e.message, "reason": e.reason}
     return JSONResponse(body, status_code=e.status, headers=e.headers)
 
 

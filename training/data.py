@@ -295,9 +295,10 @@ def load_split(spec: str, data_root: str | Path = "data", cache_dir: str | Path 
 
 class Batch(NamedTuple):
     x: torch.Tensor       # float32 [B, C, H, W] in [0,1], augmented
-    y: torch.Tensor       # the aligned targets: int64 labels or float soft labels
+    y: torch.Tensor       # the aligned targets: int64 labels (or float soft labels)
     index: torch.Tensor   # positions in the loader's images, for checks and bookkeeping
-    pair: torch.Tensor | None  # the paired images (e.g. adversarial), with the *same* crop and flip as x
+    pair: torch.Tensor | None = None    # the paired images (e.g. adversarial), with the *same* crop and flip as x
+    target: torch.Tensor | None = None  # other per-image targets (e.g. a teacher's probabilities), not augmented
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -332,15 +333,17 @@ class DeviceLoader:
     """Shuffled, augmented batches from tensors that already live on the device: no workers, no copies per item.
 
     `pair` (e.g. the adversarial images) is indexed and augmented exactly like `images`, so each clean image
-    meets its own adversarial image. Batches depend only on (seed, epoch): a resumed run sees the same ones.
+    meets its own adversarial image; `target` is indexed alike and left as it is. Batches depend only on
+    (seed, epoch): a resumed run sees the same ones.
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, *,
-                 pair: torch.Tensor | None = None, shuffle: bool = True, crop_pad: int = 0, flip: bool = False,
-                 drop_last: bool = False, seed: int = 0):
-        if len(images) != len(targets) or (pair is not None and pair.shape != images.shape):
-            raise ValueError("images, targets and pair must be aligned")
-        self.images, self.targets, self.pair = images, targets, pair
+                 pair: torch.Tensor | None = None, target: torch.Tensor | None = None, shuffle: bool = True,
+                 crop_pad: int = 0, flip: bool = False, drop_last: bool = False, seed: int = 0):
+        if (len(images) != len(targets) or (pair is not None and pair.shape != images.shape)
+                or (target is not None and len(target) != len(images))):
+            raise ValueError("images, targets, pair and target must be aligned")
+        self.images, self.targets, self.pair, self.target = images, targets, pair, target
         self.batch_size, self.shuffle, self.crop_pad, self.flip = batch_size, shuffle, crop_pad, flip
         self.drop_last, self.seed = drop_last, seed
 
@@ -358,7 +361,8 @@ class DeviceLoader:
             xs = [self.images[idx]] + ([self.pair[idx]] if self.pair is not None else [])
             if self.crop_pad or self.flip:
                 xs = batch_crop_flip(xs, self.crop_pad, self.flip, g)
-            yield Batch(to_float(xs[0]), self.targets[idx], idx, to_float(xs[1]) if len(xs) > 1 else None)
+            yield Batch(to_float(xs[0]), self.targets[idx], idx, to_float(xs[1]) if len(xs) > 1 else None,
+                        self.target[idx] if self.target is not None else None)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

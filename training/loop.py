@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from training.config import Config, lr_at
 from training.data import DeviceLoader, Split, iterate_in_order
-from training.teachers import Context, TeacherRecipe
+from training.teachers import Context, Recipe
 
 
 class RunError(ValueError):
@@ -53,14 +53,16 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def fit(model: nn.Module, recipe: TeacherRecipe, ctx: Context, train: Split, test: Split, out_dir: Path, *,
-        epochs: int, device: torch.device, pair: torch.Tensor | None = None, resume: bool = False,
+def fit(model: nn.Module, recipe: Recipe, ctx: Context, train: Split, test: Split, out_dir: Path, *,
+        epochs: int, device: torch.device, pair: torch.Tensor | None = None,
+        target: torch.Tensor | None = None, resume: bool = False,
         progress: bool = True, meta: dict | None = None,
         on_epoch_end: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Train `model` in place with `recipe` for `epochs`; returns the per-epoch history.
 
     Everything random depends on (seed, epoch), so a run resumed from its checkpoint ends with the same
     weights as one that was never interrupted. `meta` is stored in the checkpoint (the run's settings).
+    `pair` and `target` travel with each training image into `Batch.pair` / `Batch.target` (see DeviceLoader).
     """
     cfg: Config = ctx.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,8 @@ def fit(model: nn.Module, recipe: TeacherRecipe, ctx: Context, train: Split, tes
     log_path.write_text("".join(json.dumps(row) + "\n" for row in history))
 
     loader = DeviceLoader(train.images.to(device), train.labels.to(device), cfg.batch_size,
-                          pair=pair.to(device) if pair is not None else None, crop_pad=cfg.crop_pad,
+                          pair=pair.to(device) if pair is not None else None,
+                          target=target.to(device) if target is not None else None, crop_pad=cfg.crop_pad,
                           flip=cfg.flip, seed=cfg.seed)
     steps = len(loader)
     for epoch in range(start, epochs):

@@ -1,5 +1,7 @@
 """Teacher recipes: a loss over a batch plus what it needs. `--teacher` is a key of TEACHERS.
 
+A Recipe is what the training loop runs; students (training/distill.py) are Recipes too.
+
 Stingy Teacher (ST) is not here: it is the base teacher with a top-k filter applied to its answers at
 distillation or serving time, and needs no training.
 """
@@ -28,7 +30,7 @@ LossFn = Callable[[nn.Module, Batch, Context], tuple[Tensor, dict[str, Tensor], 
 
 
 @dataclass(frozen=True)
-class TeacherRecipe:
+class Recipe:
     name: str
     summary: str
     loss: LossFn  # -> (loss, detached loss terms, the model's logits on batch.x)
@@ -38,10 +40,10 @@ class TeacherRecipe:
     nan_guard: bool = False  # skip steps whose loss is not finite (costs a device sync per step)
 
 
-TEACHERS: dict[str, TeacherRecipe] = {}
+TEACHERS: dict[str, Recipe] = {}
 
 
-def register_teacher(recipe: TeacherRecipe) -> TeacherRecipe:
+def register_teacher(recipe: Recipe) -> Recipe:
     TEACHERS[recipe.name] = recipe
     return recipe
 
@@ -88,10 +90,10 @@ def _nt(model, batch, ctx):
 SPARSE = ("alpha", "temperature", "top_k", "divergence")
 PGD = ("pgd_eps", "pgd_step", "pgd_steps", "pgd_random_start")
 
-register_teacher(TeacherRecipe("base", "cross-entropy only: the undefended teacher", _base))
-register_teacher(TeacherRecipe("ast", "Adversarial Sparse Teacher: divergence to its own sparse answer on the "
+register_teacher(Recipe("base", "cross-entropy only: the undefended teacher", _base))
+register_teacher(Recipe("ast", "Adversarial Sparse Teacher: divergence to its own sparse answer on the "
                                "paired PGD image, plus CE", _ast, SPARSE + PGD, needs_base=True, needs_adversarial=True))
-register_teacher(TeacherRecipe("stt", "Stingy-Trained Teacher: AST's loss with the base model's sparse answer "
+register_teacher(Recipe("stt", "Stingy-Trained Teacher: AST's loss with the base model's sparse answer "
                                "on the clean image as target", _stt, SPARSE, needs_base=True))
-register_teacher(TeacherRecipe("nt", "Nasty Teacher: CE minus w * KL to the frozen base at temperature T",
+register_teacher(Recipe("nt", "Nasty Teacher: CE minus w * KL to the frozen base at temperature T",
                                _nt, ("nt_weight", "nt_temperature"), needs_base=True, nan_guard=True))
