@@ -127,9 +127,11 @@ async def query_victim(client: AsyncAstguardClient, images: torch.Tensor, probs:
         except BudgetExhausted as e:
             stop["reason"] = "server budget exhausted"
             left = e.budget_remaining or 0
-            if 0 < left < len(idx):  # spend what is left on part of the chunk
+            if not 0 < left < len(idx):
+                return
+            try:  # spend what is left on part of the chunk; another worker may get there first
                 idx, result = idx[:left], await client.predict_encoded(blobs[:left])
-            else:
+            except BudgetExhausted:
                 return
         probs[idx] = np.stack([p.probabilities for p in result.predictions])
         bar.update(len(idx))
