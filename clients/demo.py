@@ -8,49 +8,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from clients import steal
+from service.process import running
 from training.config import make_config
 from training.train_ast import run as train
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def serving(model: Path, budget_db: Path):
-    """The real service in a subprocess on a free loopback port; stopped on the way out, whatever happens."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--model", str(model), "--port", str(port),
-                             "--budget-db", str(budget_db), "--log-level", "warning"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"the service did not start: {proc.stderr.read().strip()}")
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with running(model, "--budget-db", str(budget_db), "--log-level", "warning", quiet=True) as r:
+        yield r.url
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,24 +24,15 @@ def digits_run(tmp_path_factory) -> tuple[Path, dict]:
 
 # ---------------------------------------------------------------- a real server, as a subprocess
 
-import os  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 import httpx  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service.process import free_port, running  # noqa: E402,F401
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, url: str):
+    def __init__(self, proc, url: str):
         self.proc, self.url = proc, url
 
     def metric(self, name: str, **labels) -> float:
@@ -55,29 +46,6 @@ class Server:
 
 @contextmanager
 def serve(model: Path, *args: str, env: dict | None = None, timeout: float = 60):
-    """Start `python -m service` on a free loopback port, wait until ready, stop it afterwards."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--model", str(model), "--host", "127.0.0.1",
-                             "--port", str(port), *args], cwd=REPO, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.1)
-        yield Server(proc, url)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """The real service (uvicorn on a free 127.0.0.1 port), ready; stopped afterwards."""
+    with running(model, *args, env=env, timeout=timeout) as r:
+        yield Server(r.proc, r.url)
