@@ -30,7 +30,7 @@ from training.models import create_model  # noqa: E402
 
 
 def load_model(weights: Path, arch: str | None, num_classes: int | None, in_channels: int,
-               image_size: int) -> tuple[torch.nn.Module, int]:
+               image_size: int) -> tuple[torch.nn.Module, int, int]:
     state = torch.load(weights, map_location="cpu", weights_only=False)
     if "state_dict" in state:  # serve_bench's own format
         arch, num_classes = state["arch"], state["num_classes"]
@@ -42,11 +42,12 @@ def load_model(weights: Path, arch: str | None, num_classes: int | None, in_chan
         state_dict = state["model"]
     model = create_model(arch, num_classes, in_channels, image_size)
     model.load_state_dict(state_dict)  # mean/std are buffers: restored too
-    return model.eval(), image_size
+    return model.eval(), image_size, in_channels
 
 
-def create_app(model: torch.nn.Module, image_size: int) -> FastAPI:
+def create_app(model: torch.nn.Module, image_size: int, in_channels: int) -> FastAPI:
     app = FastAPI(title="naive torch baseline")
+    mode = "L" if in_channels == 1 else "RGB"
 
     @app.get("/health")
     async def health():
@@ -56,10 +57,11 @@ def create_app(model: torch.nn.Module, image_size: int) -> FastAPI:
     async def predict(files: list[UploadFile] = File(...)):
         arrays = []
         for f in files:
-            img = Image.open(io.BytesIO(await f.read())).convert("RGB")
+            img = Image.open(io.BytesIO(await f.read())).convert(mode)
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.BILINEAR)
-            arrays.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+            arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
         x = torch.from_numpy(np.stack(arrays))
         with torch.no_grad():
             probs = torch.softmax(model(x), dim=1)
@@ -82,12 +84,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    model, size = load_model(args.weights, args.arch, args.num_classes, args.in_channels, args.image_size)
+    model, size, channels = load_model(args.weights, args.arch, args.num_classes, args.in_channels,
+                                       args.image_size)
     with torch.no_grad():  # the first call is slow (allocations, kernel choice): not the benchmark's business
-        model(torch.rand(1, args.in_channels, size, size))
+        model(torch.rand(1, channels, size, size))
     import uvicorn
 
-    uvicorn.run(create_app(model, size), host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(model, size, channels), host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
 

@@ -471,11 +471,11 @@ async def drive(server: Server, bodies: list[bytes], content_type: str, concurre
                 if window["start"] <= t1 <= window["end"]:
                     if ok:
                         latencies.append(t1 - t0)
-                        if requests and len(latencies) >= requests:
-                            window["end"] = t1
-                            enough.set()
                     else:
                         errors.append(problem)
+                    if requests and len(latencies) + len(errors) >= requests:  # answered, well or not
+                        window["end"] = t1
+                        enough.set()
                 elif not ok and t1 < window["start"]:
                     errors.append(f"(warm-up) {problem}")
             if conn is not None:

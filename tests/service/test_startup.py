@@ -72,3 +72,13 @@ def test_settings_come_from_the_environment_too(model_copy):
                        capture_output=True, text=True, timeout=60,
                        env={**__import__("os").environ, "ASTGUARD_OUTPUT_DEFENSE": "nope"})
     assert_one_line_error(r, "unknown output defense 'nope'")
+
+
+def test_the_serving_path_never_imports_torch_or_training(digits_run):
+    code = ("import sys, service.cli, service.app, service.core, service.process; "
+            "from service.config import Settings; from service.app import create_app; "
+            f"create_app(Settings(model={str(digits_run[0] / 'model.onnx')!r}, budget_db='/tmp/astguard-t.sqlite')); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'torchvision')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
