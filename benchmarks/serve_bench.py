@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", type=Path, default=None,
                    help="torch weights for the naive baseline when --model is given (default: model.pt or "
                         "checkpoint.pt beside the model; the naive baseline is skipped when there is none)")
-    p.add_argument("--arch", default="resnet18", help="architecture of the generated model")
+    p.add_argument("--arch", default="resnet18",
+                   help="architecture of the generated model: one taking 3x32x32 images (resnet18, resnet20 ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seconds", type=float, default=8.0,
                    help="measured seconds per scenario, split over the rounds")
@@ -355,6 +356,18 @@ def service_env(args) -> dict:
     return env
 
 
+def server_threads(server_args: str, default: int) -> int:
+    """The intra-op thread count the service will use: --intra-op-threads in --server-args, ASTGUARD_* being
+    dropped, else its default (the CPUs available, service.config.cpu_limit)."""
+    words = shlex.split(server_args)
+    for i, w in enumerate(words):
+        if w == "--intra-op-threads" and i + 1 < len(words):
+            return int(words[i + 1])
+        if w.startswith("--intra-op-threads="):
+            return int(w.split("=", 1)[1])
+    return default
+
+
 def service_cmd(args, onnx_path: Path, micro: bool) -> list[str]:
     cmd = ["-m", "service", "--model", str(onnx_path), "--log-level", "warning"]
     if not micro:
@@ -588,7 +601,7 @@ def main(argv=None) -> int:
     CACHE.mkdir(parents=True, exist_ok=True)
     from service.config import cpu_limit
 
-    threads = cpu_limit()  # the service's default intra-op thread count
+    threads = server_threads(args.server_args, cpu_limit())  # as many intra-op threads as the service uses
     ipr, rounds = args.images_per_request, max(1, args.rounds)
     import onnxruntime
 
@@ -609,7 +622,7 @@ def main(argv=None) -> int:
 
     busy = background_load(1.0)
     results["machine"]["busy_cpus_before_start"] = busy
-    print(f"machine: {os.cpu_count()} CPUs (service default intra-op threads: {threads}); {busy:.2f} CPUs busy "
+    print(f"machine: {os.cpu_count()} CPUs (service intra-op threads: {threads}); {busy:.2f} CPUs busy "
           "before start")
     if busy > 0.25:
         print(f"WARNING: other processes keep {busy:.2f} CPUs busy: every figure below is lowered by them "

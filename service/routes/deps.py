@@ -6,11 +6,12 @@ from fastapi import Depends, Request
 from service.core import Service
 
 
-def get_service(request: Request) -> Service:
+# async: FastAPI runs plain `def` dependencies in its thread pool, a thread hop per request for nothing here.
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
-def caller(request: Request, service: Service = Depends(get_service)) -> str:
+async def caller(request: Request, service: Service = Depends(get_service)) -> str:
     auth = request.headers.get("authorization", "")
     key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
     identity = service.identify(key or None)
