@@ -743,6 +743,11 @@ def main(argv=None) -> int:
           f"{fig('naive_single', load)}")
     print(f"      service / naive               = {verdict('service_vs_naive_single')}")
     print(f"  errors in measured windows: {sum(r['errors'] for r in load.values())}; wall time {wall:.0f}s")
+    others = [r["cpu_cores"]["other"] for r in load.values()] + [o["other_cpu_cores"] for o in ort.values()]
+    results["max_other_cpus"] = max(others, default=0.0)
+    if results["max_other_cpus"] > 0.25:
+        print(f"  WARNING: other processes used up to {results['max_other_cpus']:.2f} of {os.cpu_count()} CPUs during "
+              "the measurements: these figures are not trustworthy; run again on a quiet machine")
     print("=" * 100, flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

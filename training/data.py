@@ -138,7 +138,7 @@ def _load_digits(_: Path) -> tuple:
 
     d = load_digits()
     # load_digits holds 0..16 intensities; scale to uint8 so every source speaks the same pixel format.
-    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 1, 8, 8)
     labels = d.target.astype(np.int64)
     tr, te = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
     tr, te = np.sort(tr), np.sort(te)
@@ -206,7 +206,7 @@ def _load_image_folder(path: Path) -> tuple:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             imgs = list(pool.map(lambda b: np.asarray(_decode(b[0], b[1], mode, size)), blobs))
         arr = np.stack(imgs)
-        arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+        arr = arr.reshape(len(arr), 1, *arr.shape[1:]) if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
         out += [np.ascontiguousarray(arr), np.asarray([index[c] for _, c in entries[split]], dtype=np.int64)]
     return (*out, classes)
 
@@ -329,6 +329,19 @@ def batch_crop_flip(tensors: list[torch.Tensor], pad: int, flip: bool, generator
     return tensors
 
 
+def standard_layout(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor with plain row-major strides. A size-1 channel axis lets two stride patterns both count as
+    contiguous (e.g. (64, 1, 8, 1) and (64, 64, 8, 1)); the crop keeps the pattern it is given, and convolutions
+    can read one of them as channels-last and round differently. One layout keeps runs bit-reproducible."""
+    if t is None:
+        return None
+    standard, step = [], 1
+    for size in reversed(t.shape):
+        standard.append(step)
+        step *= size
+    return t if list(t.stride()) == standard[::-1] else t.clone(memory_format=torch.contiguous_format)
+
+
 class DeviceLoader:
     """Shuffled, augmented batches from tensors that already live on the device: no workers, no copies per item.
 
@@ -343,7 +356,8 @@ class DeviceLoader:
         if (len(images) != len(targets) or (pair is not None and pair.shape != images.shape)
                 or (target is not None and len(target) != len(images))):
             raise ValueError("images, targets, pair and target must be aligned")
-        self.images, self.targets, self.pair, self.target = images, targets, pair, target
+        self.images, self.targets, self.pair, self.target = images, targets, standard_layout(pair), target
+        self.images = standard_layout(images)
         self.batch_size, self.shuffle, self.crop_pad, self.flip = batch_size, shuffle, crop_pad, flip
         self.drop_last, self.seed = drop_last, seed
 

@@ -562,3 +562,15 @@ def test_the_cifar10_jpeg_zip_loads_50000_train_and_10000_test_images_in_cifar_o
     assert ds.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=0.01)
     assert ds.std == pytest.approx((0.2470, 0.2435, 0.2616), abs=0.01)
     assert len(list(tmp_path.glob("cifar10-jpeg-*.npz"))) == 1
+
+
+def test_batches_have_one_memory_layout_whatever_strides_the_images_came_with():
+    # numpy can hand over a size-1 channel axis with stride 1; it still counts as contiguous, but a convolution may
+    # read it as channels-last and round differently: cached and fresh loads then trained to different weights.
+    odd = torch.from_numpy(np.arange(4 * 64, dtype=np.uint8).reshape(4, 8, 8)[:, None][[0, 1, 2, 3]])
+    assert odd.stride() != (64, 64, 8, 1)
+    same = odd.clone(memory_format=torch.contiguous_format)
+    for pad in (0, 1):
+        a = next(DeviceLoader(odd, torch.arange(4), 4, crop_pad=pad, seed=1).epoch(0)).x
+        b = next(DeviceLoader(same, torch.arange(4), 4, crop_pad=pad, seed=1).epoch(0)).x
+        assert torch.equal(a, b) and a.stride() == b.stride() == (64, 64, 8, 1)
