@@ -21,8 +21,8 @@ on the machine, is measured and printed per scenario. It is kept lean: the multi
 hand, and POSTed as raw bytes (`--client httpx`, the default: httpx.AsyncClient, about 1 ms of CPU per request;
 `--client raw`: pre-built HTTP/1.1 requests on asyncio streams, about 0.1 ms).
 
-Run from the repository root (about 80 s with the defaults on 2 CPUs, plus about 10 s for the first export):
-    python benchmarks/serve_bench.py [--model PATH/model.onnx] [--seconds 8 | --requests N] [--rounds 2]
+Run from the repository root (about 90 s with the defaults on 2 CPUs, plus about 10 s for the first export):
+    python benchmarks/serve_bench.py [--model PATH/model.onnx] [--seconds 9 | --requests N] [--rounds 3]
         [--concurrency 4] [--images-per-request 16] [--single-concurrency 16] [--client httpx|raw]
         [--max-batch-size N] [--max-wait-ms MS] [--server-args "..."] [--no-naive] [--json PATH]
 """
@@ -68,11 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet18",
                    help="architecture of the generated model: one taking 3x32x32 images (resnet18, resnet20 ...)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seconds", type=float, default=8.0,
+    p.add_argument("--seconds", type=float, default=9.0,
                    help="measured seconds per scenario, split over the rounds")
     p.add_argument("--requests", type=int, default=None,
                    help="measure this many requests per scenario (split over the rounds) instead of --seconds")
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--rounds", type=int, default=3,
                    help="the scenarios take turns this many times, so that drift on the machine hits all alike")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before a scenario's "
                                                               "first round")
@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=None, help="passed to the service (default: its own)")
     p.add_argument("--server-args", default="", help="extra options for both service runs, e.g. "
                                                       "\"--intra-op-threads 1\"")
-    p.add_argument("--ort-seconds", type=float, default=4.0,
+    p.add_argument("--ort-seconds", type=float, default=4.5,
                    help="seconds per raw onnxruntime batch size, split over the rounds")
     p.add_argument("--no-naive", action="store_true", help="skip the naive PyTorch baseline")
     p.add_argument("--naive-torch-threads", type=int, default=None,
@@ -597,6 +597,13 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
     return a["images_per_s"] / b["images_per_s"]
 
 
+def round_ratios(a: dict | None, b: dict | None) -> list[float]:
+    """The same ratio within each round (the arms ran minutes apart at most): its spread shows the noise."""
+    if not a or not b:
+        return []
+    return [x / y if y else float("nan") for x, y in zip(a["images_per_s_by_round"], b["images_per_s_by_round"])]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -709,8 +716,13 @@ def main(argv=None) -> int:
         # the per-call overheads that batching also saves
         "ort_batch_vs_batch1": ratio(ort.get(f"batch_{ipr}"), ort.get("batch_1")) if ipr != 1 else None,
     }
+    pairs = {"service_vs_ort_batch": (load.get("service_batch"), ort.get(f"batch_{ipr}")),
+             "micro_vs_nomicro_single": (load.get("service_single"), load.get("service_nomicro_single")),
+             "service_vs_naive_batch": (load.get("service_batch"), load.get("naive_batch")),
+             "service_vs_naive_single": (load.get("service_single"), load.get("naive_single"))}
+    by_round = {k: round_ratios(*v) for k, v in pairs.items()}
     wall = time.perf_counter() - t_start
-    results.update(ratios=ratios, targets={k: {"ratio": v, "op": op} for k, (op, v) in TARGETS.items()},
+    results.update(ratios=ratios, ratios_by_round=by_round, targets={k: {"ratio": v, "op": op} for k, (op, v) in TARGETS.items()},
                    wall_seconds=wall)
 
     def fig(key: str, src: dict) -> str:
@@ -721,7 +733,8 @@ def main(argv=None) -> int:
         if r is None:
             return "n/a"
         ok = r >= t if op == ">=" else r > t
-        return f"{r:.2f}x  (target {op} {t:g}x: {'met' if ok else 'MISSED'})"
+        spread = f"; by round {', '.join(f'{x:.2f}' for x in by_round[name])}" if len(by_round[name]) > 1 else ""
+        return f"{r:.2f}x  (target {op} {t:g}x: {'met' if ok else 'MISSED'}{spread})"
 
     client_note = {"httpx": "httpx client", "raw": "raw asyncio client"}[args.client]
     print("\n" + "=" * 100)

@@ -75,6 +75,9 @@ class MicroBatcher(Runner):
         loop = asyncio.get_running_loop()
         carry: _Pending | None = None
         while True:
+            # A free slot first, then the batch: requests that arrive while the model is busy wait in the queue
+            # and leave together in the next call, instead of in small batches closed by the deadline alone.
+            await self._slots.acquire()
             first = carry or await self.queue.get()
             carry, batch, n = None, [first], len(first.images)
             deadline = first.submitted + self.max_wait_s
@@ -89,7 +92,6 @@ class MicroBatcher(Runner):
                     break
                 batch.append(nxt)
                 n += len(nxt.images)
-            await self._slots.acquire()  # at most `workers` calls in flight; the rest keep queueing
             loop.create_task(self._run(batch))
 
     async def _run(self, batch: list[_Pending]) -> None:
