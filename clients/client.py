@@ -34,7 +34,15 @@ class AstguardError(Exception):
 
 
 class Unreachable(AstguardError):
-    """The server could not be reached or stopped answering."""
+    """The server could not be reached (`retryable`: no request reached it) or stopped answering."""
+
+    retryable = False
+
+
+def _unreachable(url: str, e: httpx.TransportError) -> Unreachable:
+    error = Unreachable(f"cannot reach {url}: {type(e).__name__}: {e}")
+    error.retryable = isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout))
+    return error
 
 
 class Unauthorized(AstguardError):
@@ -107,17 +115,23 @@ def encode_png(image: ImageLike) -> bytes:
     return buf.getvalue()
 
 
+def _number(text: str | None, kind=float):
+    """A header's number, or None when absent or not a number (Retry-After may also be an HTTP date)."""
+    try:
+        return kind(text) if text is not None else None
+    except ValueError:
+        return None
+
+
 def _error(response: httpx.Response) -> AstguardError:
     try:
         body = response.json()
         message = body.get("detail") or body.get("error") or response.text
         reason = body.get("reason")
-    except ValueError:
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object (a proxy's page)
         message, reason = response.text or response.reason_phrase, None
-    retry = response.headers.get("retry-after")
-    remaining = response.headers.get("x-budget-remaining")
-    kw = dict(status=response.status_code, reason=reason, retry_after=float(retry) if retry else None,
-              budget_remaining=int(remaining) if remaining is not None else None)
+    kw = dict(status=response.status_code, reason=reason, retry_after=_number(response.headers.get("retry-after")),
+              budget_remaining=_number(response.headers.get("x-budget-remaining"), int))
     if response.status_code == 429:
         cls = BudgetExhausted if reason == "budget_exhausted" else RateLimited
     else:
@@ -141,8 +155,12 @@ class _Base:
         self.timeout = timeout
 
     def _delay(self, attempt: int, error: AstguardError) -> float | None:
-        """Seconds to wait before trying again, or None to give up."""
-        if attempt >= self.retries or not isinstance(error, (RateLimited, Unavailable, Unreachable)):
+        """Seconds to wait before trying again, or None to give up. Only answers that say the request was not
+        processed are retried (429, 503, no connection): a read timeout or another 5xx may come after the server
+        charged the budget, and a retry would pay twice."""
+        retryable = isinstance(error, RateLimited) or (isinstance(error, Unavailable) and error.status == 503) \
+            or (isinstance(error, Unreachable) and error.retryable)
+        if attempt >= self.retries or not retryable:
             return None
         jitter = random.uniform(0, self.backoff)
         return max(error.retry_after or 0.0, self.backoff * 2 ** attempt + jitter)
@@ -168,7 +186,7 @@ class AstguardClient(_Base):
                     return r
                 error = _error(r)
             except httpx.TransportError as e:
-                error = Unreachable(f"cannot reach {self.url}: {type(e).__name__}: {e}")
+                error = _unreachable(self.url, e)
             delay = self._delay(attempt, error)
             if delay is None:
                 raise error
@@ -217,7 +235,7 @@ class AsyncAstguardClient(_Base):
                     return r
                 error = _error(r)
             except httpx.TransportError as e:
-                error = Unreachable(f"cannot reach {self.url}: {type(e).__name__}: {e}")
+                error = _unreachable(self.url, e)
             delay = self._delay(attempt, error)
             if delay is None:
                 raise error

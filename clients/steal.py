@@ -61,8 +61,9 @@ def query_plan(spec: str, budget: int, *, channels: int, size: tuple[int, int], 
                seed: int, data_root: str, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The images to send (uint8 [budget, C, H, W]) and their true labels when the set has them.
 
-    A set smaller than the budget is cycled; repeats are always augmented (random crop, and flips with
-    --flip) so no image is paid for twice. `noise` is uniform random pixels.
+    A set smaller than the budget is cycled; repeats are always augmented (a random crop, and flips with
+    --flip), so most repeats differ from the original (an unshifted crop, 1 in (2*pad+1)^2, does not).
+    `noise` is uniform random pixels.
     """
     g = torch.Generator().manual_seed(seed)
     if spec == "noise":
@@ -136,15 +137,23 @@ async def query_victim(client: AsyncAstguardClient, images: torch.Tensor, probs:
         probs[idx] = np.stack([p.probabilities for p in result.predictions])
         bar.update(len(idx))
 
+    failures: list[BaseException] = []
+
     async def worker() -> None:
-        while stop["reason"] == "plan complete" and not chunks.empty():
-            await send(chunks.get_nowait())
+        while stop["reason"] == "plan complete" and not chunks.empty() and not failures:
+            try:
+                await send(chunks.get_nowait())
+            except Exception as e:  # stop the others from starting new requests; theirs in flight finish
+                failures.append(e)
 
     start = time.perf_counter()
     try:
+        # Every worker ends before this returns, so answers already paid for are in `probs` when the caller saves.
         await asyncio.gather(*[worker() for _ in range(concurrency)])
     finally:
         bar.close()
+    if failures:
+        raise failures[0]
     return stop["reason"], time.perf_counter() - start
 
 
@@ -162,17 +171,18 @@ async def victim_answers_on(client: AsyncAstguardClient, images: torch.Tensor, c
                             progress: bool) -> np.ndarray | None:
     """The victim's answers on the evaluation set, cached per victim; None if its budget ran out."""
     cache = out / EVAL_ANSWERS
+    probs = np.full((len(images), classes), np.nan, np.float32)
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
-        if str(z["sha256"]) == sha and str(z["spec"]) == spec:
-            return z["probs"]
-    probs = np.full((len(images), classes), np.nan, np.float32)
-    await query_victim(client, images, probs, images_per_request=images_per_request,
-                                   concurrency=concurrency, progress=progress)
-    if np.isnan(probs).any():
-        return None
-    np.savez(cache, probs=probs, sha256=np.asarray(sha), spec=np.asarray(spec))
-    return probs
+        if str(z["sha256"]) == sha and str(z["spec"]) == spec and z["probs"].shape == probs.shape:
+            probs = z["probs"]  # a partial set is completed, not queried again
+    try:
+        if np.isnan(probs).any():
+            await query_victim(client, images, probs, images_per_request=images_per_request,
+                               concurrency=concurrency, progress=progress)
+    finally:  # answers are kept whatever happened: they were paid for
+        np.savez(cache, probs=probs, sha256=np.asarray(sha), spec=np.asarray(spec))
+    return None if np.isnan(probs).any() else probs
 
 
 def describe(acc):
@@ -241,9 +251,14 @@ async def attack(args: argparse.Namespace) -> dict:
         if args.eval:
             _, ev = load_split(args.eval, args.data_root, args.cache_dir, default_split="test")
             test = Split(fit_to_victim(ev.images, channels, (height, width)), ev.labels)
-            victim_eval = await victim_answers_on(client, test.images, classes, card["sha256"], args.eval, out,
-                                                  images_per_request=args.images_per_request,
-                                                  concurrency=args.concurrency, progress=not args.no_progress)
+            try:
+                victim_eval = await victim_answers_on(client, test.images, classes, card["sha256"], args.eval, out,
+                                                      images_per_request=args.images_per_request,
+                                                      concurrency=args.concurrency, progress=not args.no_progress)
+            except (Unreachable, Unavailable) as e:
+                raise StealError(f"the server stopped answering while the evaluation set was queried ({e.message});"
+                                 f" the answers so far are saved in {out}: rerun the same command with --reuse to "
+                                 "finish the evaluation without querying the transfer set again", 3) from None
     except Unauthorized as e:
         raise StealError(f"the server refused the API key ({e.message})") from None
     except Unreachable as e:

@@ -65,6 +65,12 @@ class BudgetStore:
     def __init__(self, path: Path, budget: int | None, period_s: int):
         self.path, self.budget, self.period_s = Path(path), budget, period_s
         self._local = threading.local()
+        try:
+            self._create()
+        except sqlite3.Error as e:
+            raise ValueError(f"cannot use budget database {self.path}: {e}") from None
+
+    def _create(self) -> None:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS usage (key_id TEXT PRIMARY KEY, period INTEGER NOT NULL, "

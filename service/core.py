@@ -11,6 +11,7 @@ from service.batching import MicroBatcher, Runner
 from service.config import Settings
 from service.defenses import DEFENSES, make_defense
 from service.errors import ClientError
+from service.images import limit_pixels
 from service.runtime import OnnxModel, Timing
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -75,6 +76,7 @@ class Service:
         if settings.output_defense not in DEFENSES:
             raise ValueError(f"unknown output defense {settings.output_defense!r}; known: {', '.join(DEFENSES)}")
         params = {p: getattr(settings, f"defense_{p}") for p in DEFENSES[settings.output_defense].params}
+        limit_pixels(settings.max_image_pixels)
         model = OnnxModel(settings.model, device=settings.device, intra_op_threads=settings.intra_op_threads)
         keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
         budgets = BudgetStore(settings.budget_db, settings.budget_images, settings.budget_period_s)

@@ -12,8 +12,14 @@ from PIL import Image
 
 from service.errors import ClientError
 
-# Pillow's own bomb guard stays on as a second line; ours (max_pixels) answers first with a clear 413.
-Image.MAX_IMAGE_PIXELS = 1 << 28
+# Formats whose Image.open reads the header only. Some plugins decode while opening (ICO loads its embedded
+# PNG at full size), which would get round the pixel limit below, so they are not accepted.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+
+
+def limit_pixels(max_pixels: int) -> None:
+    """Pillow's own bomb guard, as a second line behind ours: it warns past the limit (an error below)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 class ImageRejected(ClientError):
@@ -29,11 +35,12 @@ def decode_image(blob: bytes, label: str, *, mode: str, size: tuple[int, int], m
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(blob))  # reads the header only
+            img = Image.open(io.BytesIO(blob), formats=FORMATS)  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageRejected(f"{label} is too large to decode", 413, "too_many_pixels") from None
     except Exception as e:
-        raise ImageRejected(f"{label} is not a readable image ({type(e).__name__}: {e})") from None
+        raise ImageRejected(f"{label} is not a readable image in a supported format ({', '.join(FORMATS)}): "
+                            f"{type(e).__name__}: {e}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ImageRejected(f"{label} has {w}x{h} pixels, over the limit of {max_pixels}", 413, "too_many_pixels")
@@ -41,8 +48,12 @@ def decode_image(blob: bytes, label: str, *, mode: str, size: tuple[int, int], m
         raise ImageRejected(f"{label} is {w}x{h}; this service takes {size[0]}x{size[1]} images only "
                             "(resize policy 'reject')", 400, "wrong_size")
     try:
-        img.load()  # decodes; truncated or corrupt data fails here
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()  # decodes; truncated or corrupt data fails here
         img = img.convert(mode)
+    except Image.DecompressionBombWarning:
+        raise ImageRejected(f"{label} is too large to decode", 413, "too_many_pixels") from None
     except Exception as e:
         raise ImageRejected(f"{label} cannot be decoded ({type(e).__name__}: {e})") from None
     if img.size != size:

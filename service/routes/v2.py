@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from service.core import Service
 from service.errors import ClientError
@@ -62,8 +62,8 @@ def tensor_to_images(t: Tensor, service: Service) -> np.ndarray:
         raise ClientError(f"datatype {t.datatype!r} is not supported; send FP32 or UINT8")
     try:
         values = np.asarray(t.data, dtype=np.float64).reshape(-1)
-    except (ValueError, TypeError):
-        raise ClientError("input data must be numbers (flat or nested lists)") from None
+    except (ValueError, TypeError, OverflowError):  # 10**400 is a valid JSON number, and no float
+        raise ClientError("input data must be numbers (flat or nested lists) within float range") from None
     if values.size != int(np.prod(t.shape)):
         raise ClientError(f"input data has {values.size} values; shape {t.shape} needs {int(np.prod(t.shape))}")
     if t.datatype == "UINT8":
@@ -99,17 +99,24 @@ async def model_metadata(name: str, identity: str = Depends(caller), service: Se
             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, m.num_classes]}]}
 
 
-@router.get("/models/{name}/ready", tags=["health"])
-async def model_ready(name: str, service: Service = Depends(get_service)):
+@router.get("/models/{name}/ready", tags=["health"], responses=ERRORS)
+async def model_ready(name: str, identity: str = Depends(caller), service: Service = Depends(get_service)):
     _model(name, service)
     return JSONResponse({"name": name, "ready": service.ready}, status_code=200 if service.ready else 503)
 
 
-@router.post("/models/{name}/infer", response_model=InferResponse, responses=ERRORS)
-async def infer(name: str, request: InferRequest, identity: str = Depends(caller),
+@router.post("/models/{name}/infer", response_model=InferResponse, responses=ERRORS, openapi_extra={
+    "requestBody": {"required": True, "content": {"application/json": {"schema": InferRequest.model_json_schema()}}}})
+async def infer(name: str, http: Request, identity: str = Depends(caller),
                 service: Service = Depends(get_service)):
     """Defended probabilities for a batch of images given as one tensor. Only `probabilities` is served: the
     logits would undo the defense."""
+    # The body is parsed here, after the key and the rate limit (a declared body model would be parsed before).
+    try:
+        request = InferRequest.model_validate_json(await http.body())
+    except ValidationError as e:
+        reasons = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+        raise ClientError(f"invalid request: {reasons}", 422, "invalid_request") from None
     _model(name, service)
     if len(request.inputs) != 1:
         raise ClientError(f"the model takes one input, got {len(request.inputs)}")

@@ -85,3 +85,13 @@ def test_the_rate_limit_answers_429_with_retry_after(digits_run, tmp_path):
         limited = predict(s.url)
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
         assert "rate limit" in limited.json()["detail"]
+
+
+def test_keys_are_checked_before_a_v2_body_is_parsed_and_model_readiness_needs_a_key(digits_run, tmp_path):
+    with serve(digits_run[0] / "model.onnx", "--api-keys", "k", "--budget-db", str(tmp_path / "b.sqlite")) as s:
+        r = httpx.post(s.url + "/v2/models/digits-ast/infer", content=b"{{{ not json",
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 401
+        assert httpx.get(s.url + "/v2/models/digits-ast/ready").status_code == 401
+        ready = httpx.get(s.url + "/v2/models/digits-ast/ready", headers={"X-API-Key": "k"})
+        assert ready.status_code == 200

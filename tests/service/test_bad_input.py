@@ -1,4 +1,6 @@
 """Bad input gets a 4xx with a message naming the problem, never a 5xx, and the server keeps serving."""
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -121,3 +123,22 @@ def test_resize_policy_reject_refuses_other_sizes(digits_run):
         big = png(np.zeros((16, 16), np.uint8))
         r = httpx.post(s.url + "/predict", files=files([big]))
         assert r.status_code == 400 and "16x16" in r.json()["detail"]
+
+
+def test_a_v2_number_beyond_float_range_gets_400_not_500(server):
+    data = [10 ** 400] + [0] * 63  # a valid JSON integer that no float can hold
+    r = httpx.post(server.url + "/v2/models/digits-ast/infer", content=json.dumps(
+        {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": data}]}),
+        headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "float range" in r.json()["error"]
+
+
+def test_formats_that_decode_while_opening_are_refused(server):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, "ICO")  # Pillow's ICO plugin decodes its image inside Image.open
+    r = post(server, files=[("files", ("x.ico", buf.getvalue(), "image/x-icon"))])
+    assert r.status_code == 400 and "supported format" in r.json()["detail"]

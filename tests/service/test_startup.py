@@ -82,3 +82,7 @@ def test_the_serving_path_never_imports_torch_or_training(digits_run):
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_an_unusable_budget_database_stops_start_up(model_copy, tmp_path):
+    assert_one_line_error(start("--model", str(model_copy), "--budget-db", str(tmp_path)), "budget database")
