@@ -39,7 +39,6 @@ import resource
 import secrets
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs as a plain script, installed package or not
 
 import numpy as np  # noqa: E402
+
+from service.process import free_port  # noqa: E402
 
 CACHE = REPO / "runs" / ".cache" / "bench"
 TARGETS = {"service_vs_ort_batch": (">=", 0.8), "micro_vs_nomicro_single": (">=", 1.3),
@@ -284,12 +285,6 @@ class OrtBench:
 
 
 # ---------------------------------------------------------------- servers
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Server:
     """A server subprocess on a free loopback port; stopped with SIGINT (then SIGKILL) at the end."""
