@@ -65,6 +65,8 @@ class BudgetStore:
     def __init__(self, path: Path, budget: int | None, period_s: int):
         self.path, self.budget, self.period_s = Path(path), budget, period_s
         self._local = threading.local()
+        if budget is None:  # nothing to keep: no database file either
+            return
         try:
             self._create()
         except sqlite3.Error as e:

@@ -301,3 +301,9 @@ def test_rate_limiter_is_exact_across_threads():
     for t in threads:
         t.join(timeout=30)
     assert sum(granted) == 20
+
+
+def test_without_a_budget_no_database_file_is_created(tmp_path):
+    store = BudgetStore(tmp_path / "b.sqlite", budget=None, period_s=60)
+    assert store.charge("k", 5).allowed and store.remaining("k") is None
+    assert not (tmp_path / "b.sqlite").exists()

@@ -85,4 +85,5 @@ def test_the_serving_path_never_imports_torch_or_training(digits_run):
 
 
 def test_an_unusable_budget_database_stops_start_up(model_copy, tmp_path):
-    assert_one_line_error(start("--model", str(model_copy), "--budget-db", str(tmp_path)), "budget database")
+    assert_one_line_error(start("--model", str(model_copy), "--budget-db", str(tmp_path), "--budget-images", "5"),
+                          "budget database")
