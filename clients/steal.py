@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 from clients.client import (AstguardError, AsyncAstguardClient, BudgetExhausted, Unauthorized,  # noqa: E402
                             Unavailable, Unreachable, encode_png)
 from training.config import make_config  # noqa: E402
-from training.data import DataError, Split, batch_crop_flip, channel_stats, load_split  # noqa: E402
+from training.data import DataError, Split, batch_crop_flip, channel_stats, load_split, parse_spec  # noqa: E402
 from training.distill import LABEL_MODES, train_student  # noqa: E402
 from training.loop import predict_logits, resolve_device  # noqa: E402
 from training.models import create_model, list_models  # noqa: E402
@@ -230,14 +230,12 @@ async def attack(args: argparse.Namespace) -> dict:
                     client, transfer.images, transfer.probs, images_per_request=args.images_per_request,
                     concurrency=args.concurrency, progress=not args.no_progress)
             except (Unreachable, Unavailable) as e:
-                transfer.save(transfer_path)
                 raise StealError(f"the server stopped answering after {int(transfer.answered.sum())} of "
                                  f"{len(transfer.probs)} queries ({e.message}); the answers so far are saved in "
                                  f"{transfer_path}: rerun the same command with --resume to continue, or with "
                                  "--reuse to train on what was saved", 3) from None
-            finally:
-                if not args.reuse:
-                    transfer.save(transfer_path)
+            finally:  # whatever happened: the answers were paid for
+                transfer.save(transfer_path)
         answered = transfer.answered
         newly = asked - int((~answered).sum()) if not args.reuse else 0
         if not answered.any():
@@ -413,14 +411,9 @@ def validate(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise StealError(message)
-    if args.queries != "noise":
-        from training.data import parse_spec
-
-        parse_spec(args.queries)
-    if args.eval:
-        from training.data import parse_spec
-
-        parse_spec(args.eval)
+    for spec in (args.queries if args.queries != "noise" else None, args.eval):
+        if spec:
+            parse_spec(spec)
 
 
 def main(argv: list[str] | None = None) -> int:

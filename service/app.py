@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from service.config import Settings
 from service.core import Service
-from service.errors import ClientError
+from service.errors import ClientError, validation_reasons
 
 log = logging.getLogger("astguard.service")
 
@@ -104,8 +104,8 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         service.metrics.rejections.labels("invalid_request").inc()
-        reasons = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        return _error_response(request.url.path, ClientError(f"invalid request: {reasons}", 422))
+        return _error_response(request.url.path, ClientError(f"invalid request: {validation_reasons(e.errors())}",
+                                                             422))
 
     from service.routes import info, predict, v2
 

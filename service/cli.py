@@ -11,6 +11,7 @@ import typing
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.errors import validation_reasons
 from service.runtime import StartupError
 
 
@@ -44,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
         app = create_app(settings)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        print(f"astguard-serve: error: bad setting: {problems}", file=sys.stderr)
+        print(f"astguard-serve: error: bad setting: {validation_reasons(e.errors())}", file=sys.stderr)
         return 2
     except (StartupError, ValueError, OSError) as e:
         print(f"astguard-serve: error: {e}", file=sys.stderr)

@@ -9,3 +9,8 @@ class ClientError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.reason, self.headers = message, status, reason, headers or {}
+
+
+def validation_reasons(errors: list[dict]) -> str:
+    """pydantic's errors as one line: `inputs.0.shape: Field required; ...`."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errors)

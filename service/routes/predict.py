@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.core import Service
-from service.errors import ClientError
+from service.errors import ClientError, validation_reasons
 from service.images import decode_image
 from service.routes.deps import ERRORS, caller, get_service
 
@@ -72,8 +72,7 @@ async def read_blobs(request: Request, limit: int) -> list[tuple[str, bytes]]:
         try:
             payload = ImagesJSON.model_validate_json(await request.body())
         except ValidationError as e:
-            reasons = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
-            raise ClientError(f"invalid JSON body: {reasons}", 422, "malformed_body") from None
+            raise ClientError(f"invalid JSON body: {validation_reasons(e.errors())}", 422, "malformed_body") from None
         for i, text in enumerate(payload.images):
             if text.startswith("data:"):
                 text = text.partition(",")[2]

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from service.core import Service
-from service.errors import ClientError
+from service.errors import ClientError, validation_reasons
 from service.routes.deps import ERRORS, caller, get_service
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -115,8 +115,7 @@ async def infer(name: str, http: Request, identity: str = Depends(caller),
     try:
         request = InferRequest.model_validate_json(await http.body())
     except ValidationError as e:
-        reasons = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
-        raise ClientError(f"invalid request: {reasons}", 422, "invalid_request") from None
+        raise ClientError(f"invalid request: {validation_reasons(e.errors())}", 422, "invalid_request") from None
     _model(name, service)
     if len(request.inputs) != 1:
         raise ClientError(f"the model takes one input, got {len(request.inputs)}")
