@@ -20,6 +20,7 @@ class Config:
     dataset: str = _f("digits", "data set: digits, cifar10, cifar100, or an ImageFolder directory/.zip")
     data_root: str = _f("data", "where cifar10/cifar100 live in torchvision's format (downloaded if missing)")
     limit_train: int | None = _f(None, "train on a class-balanced subset of this many images")
+    limit_test: int | None = _f(None, "evaluate on a class-balanced subset of this many test images")
     # model and optimisation
     arch: str = _f("digits_cnn", "architecture (registry key)")
     teacher: str = _f("ast", "teacher recipe (registry key)")
@@ -114,6 +115,7 @@ def validate(cfg: Config) -> None:
         (cfg.crop_pad >= 0, f"--crop-pad must be >= 0, got {cfg.crop_pad}"),
         (cfg.pgd_eps >= 0 and cfg.pgd_step >= 0 and cfg.pgd_steps >= 0, "PGD settings must be >= 0"),
         (cfg.limit_train is None or cfg.limit_train >= 1, f"--limit-train must be positive, got {cfg.limit_train}"),
+        (cfg.limit_test is None or cfg.limit_test >= 1, f"--limit-test must be positive, got {cfg.limit_test}"),
     ]
     for ok, message in checks:
         if not ok:

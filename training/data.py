@@ -107,6 +107,25 @@ class Dataset:
         return Dataset(self.name, Split(self.train.images[idx], self.train.labels[idx]), self.test,
                        self.classes, self.mean, self.std)
 
+    def held_out(self, n: int | None, seed: int = 0) -> Split:
+        """The training images that limit_train(n, seed) leaves out, in order (empty when it keeps them all)."""
+        keep = torch.zeros(len(self.train.labels), dtype=torch.bool)
+        if n is None or n >= len(keep):
+            keep[:] = True
+        else:
+            keep[balanced_subset(self.train.labels, n, seed)] = True
+        return Split(self.train.images[~keep], self.train.labels[~keep])
+
+    def limit_test(self, n: int | None) -> "Dataset":
+        """Evaluate on a class-balanced subset of n test images: the same subset whatever the training seed."""
+        if n is None or n >= len(self.test.labels):
+            return self
+        if n < self.num_classes:
+            raise DataError(f"--limit-test {n} is smaller than the number of classes ({self.num_classes})")
+        idx = balanced_subset(self.test.labels, n, 0)
+        return Dataset(self.name, self.train, Split(self.test.images[idx], self.test.labels[idx]),
+                       self.classes, self.mean, self.std)
+
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """Indices of n items, as equal per class as the classes allow, in ascending order."""

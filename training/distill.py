@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from training.config import Config
 from training.data import Batch, Split
 from training.loop import fit
-from training.losses import kl_divergence
+from training.losses import kl_divergence, sparse_topk_logits
 from training.teachers import Context, Recipe
 
 LABEL_MODES = ("soft", "logit", "hard")
@@ -63,6 +63,19 @@ def student_recipe(mode: str, temperature: float, alpha: float, use_labels: bool
         return total, terms, logits
 
     return Recipe(f"student-{mode}", f"distilled from {mode} answers", loss)
+
+
+def kd_recipe(temperature: float, alpha: float, top_k: int | None = None) -> Recipe:
+    """The paper's protocol (Hinton KD with labels): batch.target holds the teacher's logits on batch.x, which
+    the student fits at temperature T; `top_k` keeps only the k largest (Stingy Teacher at distillation time)."""
+    def loss(model: nn.Module, batch: Batch, ctx: Context):
+        teacher = batch.target if top_k is None else sparse_topk_logits(batch.target, top_k)
+        logits = model(batch.x)
+        total, terms = distill_loss(logits, torch.softmax(teacher / temperature, dim=1), batch.y, mode="soft",
+                                    temperature=temperature, alpha=alpha)
+        return total, terms, logits
+
+    return Recipe("kd" if top_k is None else f"kd-top{top_k}", "distilled from a teacher's logits", loss)
 
 
 def train_student(model: nn.Module, cfg: Config, images: Tensor, probs: Tensor, labels: Tensor | None,

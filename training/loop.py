@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training.config import Config, lr_at
-from training.data import DeviceLoader, Split, iterate_in_order
+from training.data import Batch, DeviceLoader, Split, iterate_in_order
 from training.teachers import Context, Recipe
 
 
@@ -53,6 +54,20 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class Member:
+    """One model trained by fit_group: its recipe, its run directory, and what its checkpoint records."""
+    model: nn.Module
+    recipe: Recipe
+    ctx: Context
+    out_dir: Path
+    meta: dict | None = None
+    on_epoch_end: Callable[[int, dict], None] | None = None
+    # filled in by fit_group
+    history: list[dict] = field(default_factory=list)
+    start: int = 0
+
+
 def fit(model: nn.Module, recipe: Recipe, ctx: Context, train: Split, test: Split, out_dir: Path, *,
         epochs: int, device: torch.device, pair: torch.Tensor | None = None,
         target: torch.Tensor | None = None, resume: bool = False,
@@ -64,57 +79,98 @@ def fit(model: nn.Module, recipe: Recipe, ctx: Context, train: Split, test: Spli
     weights as one that was never interrupted. `meta` is stored in the checkpoint (the run's settings).
     `pair` and `target` travel with each training image into `Batch.pair` / `Batch.target` (see DeviceLoader).
     """
-    cfg: Config = ctx.cfg
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.jsonl"
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start, history = 0, []
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["epoch"], state["history"]
-    log_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+    member = Member(model, recipe, ctx, out_dir, meta, on_epoch_end)
+    fit_group([member], train, test, epochs=epochs, device=device, pair=pair, target=target, resume=resume,
+              progress=progress)
+    return member.history
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, device: torch.device,
+              pair: torch.Tensor | None = None, target: torch.Tensor | None = None, resume: bool = False,
+              progress: bool = True, prepare: Callable[[Batch], Batch] | None = None) -> None:
+    """Train several models in lockstep on the same batches; `prepare(batch)` runs once per batch for all of
+    them (e.g. a teacher's forward pass into batch.target). Each member ends exactly as if trained alone by
+    fit(): it gets its own optimizer, checkpoint, log, and random stream (dropout), reset from (seed, epoch).
+    The members must agree on what the batches depend on (batch size, augmentation, seed)."""
+    cfg: Config = members[0].ctx.cfg
+    loader_keys = ("batch_size", "crop_pad", "flip", "seed")
+    if any(getattr(m.ctx.cfg, k) != getattr(cfg, k) for m in members for k in loader_keys):
+        raise ValueError(f"fit_group members must share {', '.join(loader_keys)}")
+    for m in members:
+        m.out_dir.mkdir(parents=True, exist_ok=True)
+        m.opt = torch.optim.SGD(m.model.parameters(), lr=m.ctx.cfg.lr, momentum=m.ctx.cfg.momentum,
+                                weight_decay=m.ctx.cfg.weight_decay)
+        m.start, m.history = 0, []
+        ckpt_path = m.out_dir / "checkpoint.pt"
+        if resume and ckpt_path.exists():
+            state = torch.load(ckpt_path, map_location=device, weights_only=False)
+            m.model.load_state_dict(state["model"])
+            m.opt.load_state_dict(state["optimizer"])
+            m.start, m.history = state["epoch"], state["history"]
+        (m.out_dir / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in m.history))
 
     loader = DeviceLoader(train.images.to(device), train.labels.to(device), cfg.batch_size,
                           pair=pair.to(device) if pair is not None else None,
                           target=target.to(device) if target is not None else None, crop_pad=cfg.crop_pad,
                           flip=cfg.flip, seed=cfg.seed)
-    steps = len(loader)
-    for epoch in range(start, epochs):
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout draws: the same after a resume
-        model.train()
-        t0, sums, correct, skipped = time.time(), {}, torch.zeros((), device=device), 0
-        bar = tqdm(loader.epoch(epoch), total=steps, desc=f"{recipe.name} {epoch + 1}/{epochs}",
+    steps, n = len(loader), len(train.labels)
+    swap = len(members) > 1  # a lone model keeps the global random stream; a group swaps one per member
+    names = "+".join(m.recipe.name for m in members)
+    for epoch in range(min((m.start for m in members), default=epochs), epochs):
+        active = [m for m in members if m.start <= epoch]  # a member resumed further along sits this epoch out
+        for m in active:
+            torch.manual_seed(m.ctx.cfg.seed * 1_000_003 + epoch)  # dropout draws: the same after a resume
+            m.rng = _rng_state(device) if swap else None
+            m.model.train()
+            m.sums, m.correct, m.skipped = {}, torch.zeros((), device=device), 0
+        t0 = time.time()
+        bar = tqdm(loader.epoch(epoch), total=steps, desc=f"{names} {epoch + 1}/{epochs}",
                    unit="batch", leave=False, disable=not progress)
         for i, batch in enumerate(bar):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, epoch + i / steps, epochs)
-            loss, terms, logits = recipe.loss(model, batch, ctx)
-            if recipe.nan_guard and not torch.isfinite(loss).item():
-                skipped += 1
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            # Running sums stay on the device: no sync per step.
-            for k, v in {"loss": loss.detach(), **terms}.items():
-                sums[k] = sums.get(k, 0.0) + v * len(batch.y)
-            correct += (logits.argmax(1) == batch.y).sum()
-        n = len(train.labels)
-        row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, epochs),
-               **{k: float(v) / n for k, v in sums.items()},
-               "train_accuracy": correct.item() / n, "test_accuracy": accuracy(model, test.images, test.labels, device,
-                                                                                cfg.eval_batch_size),
-               "skipped_steps": skipped, "seconds": round(time.time() - t0, 3)}
-        history.append(row)
-        with log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        _save_atomic({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "history": history, "meta": meta, "recipe": recipe.name}, ckpt_path)
-        if progress:
-            tqdm.write(f"{recipe.name} epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} "
-                       f"test acc {row['test_accuracy']:.4f} ({row['seconds']:.1f}s)")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
-    return history
+            if prepare is not None:
+                batch = prepare(batch)
+            for m in active:
+                if swap:
+                    _set_rng_state(m.rng, device)
+                for group in m.opt.param_groups:
+                    group["lr"] = lr_at(m.ctx.cfg, epoch + i / steps, epochs)
+                loss, terms, logits = m.recipe.loss(m.model, batch, m.ctx)
+                if swap:
+                    m.rng = _rng_state(device)
+                if m.recipe.nan_guard and not torch.isfinite(loss).item():
+                    m.skipped += 1
+                    continue
+                m.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                m.opt.step()
+                # Running sums stay on the device: no sync per step.
+                for k, v in {"loss": loss.detach(), **terms}.items():
+                    m.sums[k] = m.sums.get(k, 0.0) + v * len(batch.y)
+                m.correct += (logits.argmax(1) == batch.y).sum()
+        seconds = round((time.time() - t0) / len(active), 3)  # a group's epoch time, shared out
+        for m in active:
+            row = {"epoch": epoch + 1, "lr": lr_at(m.ctx.cfg, epoch, epochs),
+                   **{k: float(v) / n for k, v in m.sums.items()},
+                   "train_accuracy": m.correct.item() / n,
+                   "test_accuracy": accuracy(m.model, test.images, test.labels, device, m.ctx.cfg.eval_batch_size),
+                   "skipped_steps": m.skipped, "seconds": seconds}
+            m.history.append(row)
+            with (m.out_dir / "log.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            _save_atomic({"epoch": epoch + 1, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
+                          "history": m.history, "meta": m.meta, "recipe": m.recipe.name}, m.out_dir / "checkpoint.pt")
+            if progress:
+                tqdm.write(f"{m.recipe.name} epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} "
+                           f"test acc {row['test_accuracy']:.4f} ({row['seconds']:.1f}s)")
+            if m.on_epoch_end is not None:
+                m.on_epoch_end(epoch, row)

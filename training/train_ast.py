@@ -32,7 +32,7 @@ from training.pgd import PGDConfig, adversarial_set  # noqa: E402
 from training.teachers import TEACHERS, Context  # noqa: E402
 
 # What the base model depends on: a change elsewhere (alpha, T, PGD...) reuses the cached base.
-BASE_FIELDS = ("dataset", "limit_train", "arch", "batch_size", "lr", "momentum", "weight_decay", "schedule",
+BASE_FIELDS = ("dataset", "limit_train", "limit_test", "arch", "batch_size", "lr", "momentum", "weight_decay", "schedule",
                "milestones", "gamma", "crop_pad", "flip", "seed")
 
 
@@ -42,9 +42,22 @@ def stage_settings(cfg: Config, teacher: str, epochs: int, top_k: int) -> dict:
     return {**{k: d[k] for k in BASE_FIELDS + TEACHERS[teacher].params}, "teacher": teacher, "epochs": epochs}
 
 
+def load_data(cfg: Config, cache_dir: Path) -> Dataset:
+    """The data set a configuration trains and evaluates on."""
+    data = load_dataset(cfg.dataset, cfg.data_root, cache_dir / "data")
+    return data.limit_train(cfg.limit_train, cfg.seed).limit_test(cfg.limit_test)
+
+
 def build_model(cfg: Config, data: Dataset, device) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     return create_model(cfg.arch, data.num_classes, data.in_channels, data.image_size, data.mean, data.std).to(device)
+
+
+def load_trained(cfg: Config, data: Dataset, checkpoint: Path, device) -> torch.nn.Module:
+    """A finished stage's model, in eval mode."""
+    model = build_model(cfg, data, device)
+    model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=False)["model"])
+    return model.eval()
 
 
 def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device, *, epochs: int, top_k: int,
@@ -114,8 +127,9 @@ def export_stage(model, out_dir: Path, data: Dataset, cfg: Config, teacher: str,
 
 def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None = None, resume: bool = False,
         overwrite: bool = False, name: str | None = None, version: str = "1", progress: bool = True,
-        on_epoch_end=None) -> dict:
-    """The whole pipeline; `on_epoch_end(stage, epoch, row)` is called after every epoch of every stage."""
+        on_epoch_end=None, base_dir: Path | None = None) -> dict:
+    """The whole pipeline; `on_epoch_end(stage, epoch, row)` is called after every epoch of every stage.
+    The base model lives in `base_dir` (default: out/base), so several teachers can share one."""
     t0 = time.time()
     def hook(stage):
         return partial(on_epoch_end, stage) if on_epoch_end else None
@@ -123,7 +137,7 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
     validate(cfg)
     dev = resolve_device(device)
     cache_dir = cache_dir or out.parent / ".cache"
-    data = load_dataset(cfg.dataset, cfg.data_root, cache_dir / "data").limit_train(cfg.limit_train, cfg.seed)
+    data = load_data(cfg, cache_dir)
     top_k = cfg.top_k or top_k_from_ratio(cfg.sparse_ratio, data.num_classes)
     if top_k > data.num_classes:
         raise ValueError(f"--top-k {top_k} exceeds the number of classes ({data.num_classes})")
@@ -133,11 +147,12 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
           f"{len(data.test.labels)} test, {data.num_classes} classes), device {dev}", file=sys.stderr)
 
     base_epochs = cfg.base_epochs or cfg.epochs
-    base, base_metrics = train_stage("base", cfg, data, out / "base", dev, epochs=base_epochs, top_k=top_k,
+    base_dir = base_dir or out / "base"
+    base, base_metrics = train_stage("base", cfg, data, base_dir, dev, epochs=base_epochs, top_k=top_k,
                                      resume=resume, overwrite=overwrite, progress=progress,
                                      on_epoch_end=hook("base"))
     base_acc = base_metrics["test_accuracy"]
-    export_stage(base, out / "base", data, cfg, "base", base_metrics, f"{name}-base", version, base_acc)
+    export_stage(base, base_dir, data, cfg, "base", base_metrics, f"{name}-base", version, base_acc)
 
     summary = {"base": {"test_accuracy": base_acc}}
     pair = None
@@ -151,15 +166,16 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
                           "max_linf": float((pair.float() - data.train.images.float() / 255).abs().max())}
 
     if cfg.teacher == "base":
-        model, metrics = base, base_metrics
+        model, metrics, checkpoint = base, base_metrics, base_dir / "checkpoint.pt"
     else:
+        checkpoint = out / "checkpoint.pt"
         model, metrics = train_stage(cfg.teacher, cfg, data, out, dev, epochs=cfg.epochs, top_k=top_k,
                                      base=base if recipe.needs_base else None, pair=pair, resume=resume,
                                      overwrite=overwrite, progress=progress, on_epoch_end=hook(cfg.teacher))
     card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
     summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
                     "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
-                    "onnx": str(out / "model.onnx"), "sha256": card["sha256"],
+                    "onnx": str(out / "model.onnx"), "sha256": card["sha256"], "checkpoint": str(checkpoint),
                     "verification": card["verification"], "wall_seconds": round(time.time() - t0, 2)})
     metrics.update(summary)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

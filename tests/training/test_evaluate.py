@@ -1,0 +1,100 @@
+"""The evaluation harness, end to end on digits at the smoke scale: every table cell, the cache, the endpoint."""
+import json
+import math
+
+import httpx
+import pytest
+
+from conftest import serve
+from training.evaluate import main
+
+TEACHERS = ["base", "ast", "nt", "stt", "st"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    argv = ["--dataset", "digits", "--scale", "smoke", "--students", "cnn5,digits_cnn", "--sweep", "alpha=0.2",
+            "--out", str(root / "results"), "--work-dir", str(root / "work"), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    first = json.loads((root / "results" / "results.json").read_text())
+    return root, argv, first
+
+
+def _finite(x):
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def test_results_json_has_every_cell_of_the_tables(smoke):
+    root, _, r = smoke
+    students = ["cnn5", "digits_cnn"]
+    assert r["settings"]["teachers"] == TEACHERS
+    for name in TEACHERS + ["ast alpha=0.2"]:
+        t = r["teachers"][name]
+        assert 0 <= t["accuracy"]["mean"] <= 1 and _finite(t["change_from_base"]["mean"])
+        for protocol in ("paper", "query"):
+            for s in students:
+                cell = r["students"][protocol][name][s]
+                assert 0 <= cell["accuracy"]["mean"] <= 1 and _finite(cell["change_from_alone"]["mean"])
+                assert cell["accuracy"]["values"] and cell["accuracy"]["std"] == 0.0  # one seed
+        for stat in ("entropy", "within_class_kl"):
+            assert set(r["statistics"][name][stat]) == {"mean", "var", "min", "max"}
+    assert r["teachers"]["base"]["change_from_base"]["mean"] == 0.0
+    # ST is the base network: same accuracy, sparser answers.
+    assert r["teachers"]["st"]["accuracy"] == r["teachers"]["base"]["accuracy"]
+    assert r["statistics"]["st"]["entropy"]["mean"] < r["statistics"]["base"]["entropy"]["mean"]
+    assert set(r["students"]["alone"]) == set(students)
+    assert r["sweeps"] == {"alpha": [{"value": 0.2, "row": "ast alpha=0.2"}]}
+    assert set(r["examples"]["answers"]) == {"base", "base on its PGD image", "ast", "nt", "stt"}
+    assert r["run"]["trained"]["teacher_epochs"] > 0 and r["run"]["trained"]["student_epochs"] > 0
+
+
+def test_report_has_the_tables_and_figures(smoke):
+    root, _, _ = smoke
+    md = (root / "results" / "results.md").read_text()
+    for heading in ("Paper protocol", "Query protocol", "Table 3 shape", "Ablation: AST alpha"):
+        assert heading in md
+    assert "| Student alone |" in md and "| st |" in md
+    for png in ("fig2_responses.png", "entropy_histograms.png", "tradeoff.png"):
+        assert (root / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_second_run_with_the_same_settings_trains_nothing(smoke):
+    root, argv, first = smoke
+    assert main(argv) == 0
+    second = json.loads((root / "results" / "results.json").read_text())
+    assert second["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 0}
+    assert second["teachers"] == first["teachers"] and second["students"] == first["students"]
+
+
+def test_a_live_endpoint_is_evaluated_with_the_query_protocol(smoke, digits_run):
+    root, _, _ = smoke
+    model, summary = digits_run
+    with serve(model / "model.onnx") as server:
+        argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base", "--url", server.url,
+                "--out", str(root / "endpoint"), "--work-dir", str(root / "work"), "--no-progress", "--device", "cpu"]
+        assert main(argv) == 0
+        served = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(server.url + "/metrics").text.splitlines()
+                     if line.startswith("astguard_images_served_total"))
+    r = json.loads((root / "endpoint" / "results.json").read_text())
+    # The endpoint's own accuracy, measured through it on the smoke test set, is close to the card's.
+    assert abs(r["teachers"]["endpoint"]["accuracy"]["mean"] - summary["test_accuracy"]) < 0.1
+    assert "endpoint" in r["students"]["query"] and "endpoint" not in r["students"]["paper"]
+    assert "n/a: no logits" in (root / "endpoint" / "results.md").read_text()
+    assert served >= 600 + 300  # every query and test image went over HTTP
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teachers", "base,bogus"], "unknown teacher 'bogus'"),
+    (["--sweep", "lr=0.1"], "--sweep takes FIELD=V1,V2"),
+    (["--sweep", "alpha=high"], "cannot read 'high'"),
+    (["--students", "nope"], "unknown student 'nope'"),
+    (["--protocols", "paper,white"], "unknown protocol 'white'"),
+    (["--scale", "paper", "--protocols", "query"], "needs training images the teacher did not see"),
+    (["--set", "colour=red"], "--set takes FIELD=VALUE"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
+    code = main(["--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,176 @@
+"""results.json -> results.md and the figures. A pure function of the JSON, so a report can be redrawn:
+
+    python -m training.report results/cifar10-cpu
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+FIGURES = {"responses": "fig2_responses.png", "entropy": "entropy_histograms.png", "tradeoff": "tradeoff.png"}
+
+
+def pm(cell: dict, scale: float = 100.0, signed: bool = False) -> str:
+    """mean +- std in percent (one seed: the mean alone)."""
+    mean = f"{cell['mean'] * scale:+.2f}" if signed else f"{cell['mean'] * scale:.2f}"
+    return mean if len(cell["values"]) < 2 else f"{mean} ± {cell['std'] * scale:.2f}"
+
+
+def _main_rows(results: dict) -> list[str]:
+    return results["settings"]["teachers"]
+
+
+def accuracy_table(results: dict, protocol: str, rows: list[str]) -> list[str]:
+    students = results["settings"]["students"]
+    head = ["Teacher", "Teacher acc. (%)", "Δ from Base"] + [f"{s} (%)" for s in students] + \
+           [f"Δ {s} from alone" for s in students]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    alone = results["students"]["alone"]
+    lines.append("| Student alone | | | " + " | ".join(pm(alone[s]) for s in students) + " |"
+                 + " |" * len(students))
+    for name in rows:
+        t = results["teachers"][name]
+        st = results["students"][protocol].get(name)
+        if st is None:
+            lines.append(f"| {name} | {pm(t['accuracy'])} | | " + " | ".join(["n/a: no logits"] * 2 * len(students))
+                         + " |")
+            continue
+        change = pm(t["change_from_base"], signed=True) if "change_from_base" in t else ""
+        cells = [name, pm(t["accuracy"]), change] + [pm(st[s]["accuracy"]) for s in students] + \
+                [pm(st[s]["change_from_alone"], signed=True) for s in students]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def statistics_table(results: dict, rows: list[str]) -> list[str]:
+    head = ["Teacher"] + [f"{stat} {k}" for stat in ("entropy", "KL") for k in ("mean", "var", "min", "max")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in rows:
+        s = results["statistics"][name]
+        cells = [f"{s[stat][k]:.4f}" for stat in ("entropy", "within_class_kl") for k in ("mean", "var", "min", "max")]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    c = s["teacher_config"]
+    run = results["run"]
+    lines = [f"# Evaluation: {s['dataset']} at scale `{s['scale']}`", "",
+             f"`{results['command']}`", "",
+             f"- Scale: {s['scale_summary']}.",
+             f"- Teachers: {c['arch']}, {c['epochs']} epochs (base {c['base_epochs'] or c['epochs']}), "
+             f"{c['limit_train'] or 'all'} training images, batch {c['batch_size']}, lr {c['lr']} ({c['schedule']}); "
+             f"AST alpha {c['alpha']}, T {c['temperature']}, top-k {s['top_k']}, divergence {c['divergence']}; "
+             f"PGD eps {c['pgd_eps']}, step {c['pgd_step']}, {c['pgd_steps']} steps; NT w {c['nt_weight']}, "
+             f"T {c['nt_temperature']}.",
+             f"- Students: {', '.join(s['students'])}, {s['student_epochs']} epochs; KD T {s['kd_temperature']}, "
+             f"alpha {s['kd_alpha']} (paper protocol); label mode `{s['label_mode']}`, "
+             f"{s['query_size']} held-out queries (query protocol).",
+             f"- Test set: {c['limit_test'] or 'all'} images. Seeds: {', '.join(map(str, s['seeds']))} "
+             "(mean ± sample std over seeds; every seed retrains teachers and students).",
+             f"- Device {s['device']}, torch {s['torch']}; this invocation took {run['wall_seconds']:.0f} s "
+             f"and trained {run['trained']['teacher_epochs']} teacher and {run['trained']['student_epochs']} "
+             "student epochs (0: everything came from the cache).", ""]
+    rows = _main_rows(results)
+    for protocol, title in (("paper", "Paper protocol: KD on the teacher's training set, with labels, "
+                                      "from its logits (Table 1/2 shape)"),
+                            ("query", "Query protocol: no labels, the served probabilities on held-out "
+                                      "queries (as clients/steal.py)")):
+        if protocol in results["students"]:
+            lines += [f"## {title}", ""] + accuracy_table(results, protocol, rows) + [""]
+    lines += [f"## Answer statistics on the test set at T = {s['kd_temperature']} (Table 3 shape)", "",
+              "Per-class entropy of the teacher's softmax and within-class KL (each image's answer against its "
+              "class's mean answer), in nats; mean, variance, min and max over classes.", ""]
+    lines += statistics_table(results, rows) + [""]
+    for name, variants in results.get("sweeps", {}).items():
+        lines += [f"## Ablation: AST {name} (Tables 4-6 shape)", ""]
+        for protocol in ("paper", "query"):
+            if protocol in results["students"]:
+                lines += [f"{protocol} protocol:", ""]
+                lines += accuracy_table(results, protocol, [v["row"] for v in variants]) + [""]
+    lines += ["## Figures", "",
+              f"![answers](fig2_responses.png)", "", f"![entropy](entropy_histograms.png)", "",
+              f"![trade-off](tradeoff.png)", ""]
+    return "\n".join(lines)
+
+
+def figures(results: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ex = results.get("examples")
+    if ex:
+        names = list(ex["answers"])
+        n = len(ex["indices"])
+        fig, axes = plt.subplots(n, len(names), figsize=(2.6 * len(names), 1.9 * n), squeeze=False)
+        for i in range(n):
+            for j, name in enumerate(names):
+                a = ex["answers"][name]
+                ax = axes[i][j]
+                ax.bar(range(len(a["probs"][i])), a["probs"][i], color="C0" if j else "C2")
+                ax.set_ylim(0, 1)
+                ax.set_xticks(range(len(a["probs"][i])))
+                ax.tick_params(labelsize=6)
+                ax.set_title(f"{name}\nH={a['entropy'][i]:.2f}" if i == 0 else f"H={a['entropy'][i]:.2f}",
+                             fontsize=7)
+            axes[i][0].set_ylabel(ex["class_names"][ex["labels"][i]], fontsize=7)
+        fig.suptitle(f"softmax(logits / {ex['temperature']:g}) for test images (rows), per teacher", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / FIGURES["responses"], dpi=110)
+        plt.close(fig)
+
+    hist = results["histograms"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name in _main_rows(results):
+        h = hist[name]
+        centers = [(a + b) / 2 for a, b in zip(h["edges"][:-1], h["edges"][1:])]
+        ax.plot(centers, h["counts"], label=name)
+    ax.set_xlabel(f"entropy of the answer at T = {results['settings']['kd_temperature']:g} (nats)")
+    ax.set_ylabel("test images")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / FIGURES["entropy"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    markers = {"paper": "o", "query": "^"}
+    for protocol in ("paper", "query"):
+        if protocol not in results["students"]:
+            continue
+        for i, name in enumerate(_main_rows(results) + [v["row"] for vs in results.get("sweeps", {}).values()
+                                                         for v in vs]):
+            t = results["teachers"][name]["accuracy"]["mean"] * 100
+            for student, cell in results["students"][protocol].get(name, {}).items():
+                ax.scatter(t, cell["accuracy"]["mean"] * 100, marker=markers[protocol], color=f"C{i % 10}",
+                           label=f"{name}" if protocol == "paper" and student == results["settings"]["students"][0]
+                           else None)
+    for student, cell in results["students"]["alone"].items():
+        ax.axhline(cell["mean"] * 100, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("teacher accuracy (%)")
+    ax.set_ylabel("student accuracy (%)   [o paper, ^ query; dashed: alone]")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / FIGURES["tradeoff"], dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, out: Path) -> None:
+    (out / "results.md").write_text(markdown(results))
+    figures(results, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not (Path(argv[0]) / "results.json").is_file():
+        print("usage: python -m training.report RESULTS_DIR (a folder with results.json)", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    write_report(json.loads((out / "results.json").read_text()), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

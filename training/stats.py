@@ -1,0 +1,70 @@
+"""Statistics of a teacher's answers (the paper's Table 3) and of results over seeds.
+
+All in nats, on probabilities p (rows of a [N, C] tensor), with 0 log 0 = 0 so that classes a sparse answer
+zeroed count as nothing:
+- entropy(p) = -sum_i p_i log p_i, per image;
+- per-class entropy: the mean entropy of the answers to the images of each true class;
+- within-class KL: for each true class c, the mean over its images of KL(p || p_bar_c), with p_bar_c the mean
+  answer to that class: how much a teacher's answers to one class disagree with each other;
+- `describe` summarises a per-class vector as mean, variance (population), min and max, as in Table 3.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def entropy(probs: Tensor) -> Tensor:
+    p = probs.double()
+    return -torch.special.xlogy(p, p).sum(1)
+
+
+def _per_class(values: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    sums = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, values.double())
+    present = counts > 0
+    return (sums[present] / counts[present])
+
+
+def class_entropy(probs: Tensor, labels: Tensor) -> Tensor:
+    """Mean entropy of the answers per true class (classes with no image left out)."""
+    return _per_class(entropy(probs), labels, probs.shape[1])
+
+
+def within_class_kl(probs: Tensor, labels: Tensor) -> Tensor:
+    """Per true class: the mean of KL(p || mean answer of the class) over its images."""
+    p = probs.double()
+    c = p.shape[1]
+    counts = torch.bincount(labels, minlength=c).double().clamp_min(1)
+    mean = torch.zeros(c, c, dtype=torch.float64).index_add_(0, labels, p) / counts[:, None]
+    q = mean[labels]  # each image's class mean; q > 0 wherever p > 0, so every term is finite
+    kl = (torch.special.xlogy(p, p) - torch.special.xlogy(p, q)).sum(1)
+    return _per_class(kl, labels, c)
+
+
+def describe(values: Tensor) -> dict[str, float]:
+    v = values.double()
+    return {"mean": v.mean().item(), "var": v.var(unbiased=False).item(), "min": v.min().item(),
+            "max": v.max().item()}
+
+
+def answer_statistics(probs: Tensor, labels: Tensor) -> dict[str, dict[str, float]]:
+    return {"entropy": describe(class_entropy(probs, labels)),
+            "within_class_kl": describe(within_class_kl(probs, labels))}
+
+
+def entropy_histogram(probs: Tensor, bins: int = 30) -> dict:
+    """Counts of per-image entropies over [0, log C] in `bins` equal bins."""
+    top = math.log(probs.shape[1])
+    counts = torch.histc(entropy(probs).float().clamp(0, top), bins=bins, min=0.0, max=top)
+    return {"edges": [top * i / bins for i in range(bins + 1)], "counts": [int(c) for c in counts]}
+
+
+def over_seeds(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for one seed) of a result over seeds, with the values."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "values": list(values)}
