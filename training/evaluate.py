@@ -50,6 +50,7 @@ class Scale:
     """How big an evaluation is: overrides of the preset for the teachers, and the students' budget."""
     summary: str
     teacher: dict = field(default_factory=dict)
+    student: dict = field(default_factory=dict)  # the students' optimisation, where it differs from the teachers'
     student_epochs: int | None = None  # None: the teacher's epochs
     query_size: int | None = None  # None: every held-out training image
 
@@ -57,12 +58,13 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "smoke": Scale("seconds, for tests", dict(epochs=4, limit_train=600, limit_test=300, pgd_steps=5,
                                               pgd_step=0.06), student_epochs=2, query_size=600),
-    # 2 CPU cores, CIFAR-10: about 25 minutes a seed (see results/cifar10-cpu/README.md).
-    "cpu": Scale("CIFAR-10 on 2 CPU cores: ResNet-20 teachers on 4,000 images, cnn5 students, well under an "
-                 "hour for two seeds",
-                 dict(arch="resnet20", epochs=12, limit_train=4000, limit_test=2000, schedule="cosine",
-                      milestones=(), lr=0.05, pgd_steps=10, pgd_step=0.03),
-                 student_epochs=10, query_size=4000),
+    # 2 CPU cores, CIFAR-10: about 20 minutes of teachers, then 10 a student seed (results/cifar10-cpu/README.md).
+    # ResNet-20 needs its 30 epochs to beat a cnn5 trained alone on the same 4,000 images (12 did not).
+    "cpu": Scale("CIFAR-10 on 2 CPU cores: ResNet-20 teachers on 4,000 images, cnn5 students, under an hour "
+                 "with --teacher-seed 0 --seeds 2",
+                 dict(arch="resnet20", epochs=30, limit_train=4000, limit_test=2000, schedule="cosine",
+                      milestones=(), lr=0.1, pgd_steps=10, pgd_step=0.03),
+                 student=dict(lr=0.05), student_epochs=10, query_size=4000),
     "paper": Scale("the paper's presets: full training set, 160/200 epochs; for a GPU"),
 }
 # Knowledge distillation of the paper's protocol: alpha 0.9, T 4 on CIFAR-10 and 20 on CIFAR-100.
@@ -99,13 +101,20 @@ class Row:
     sweep: tuple | None = None  # (field, value) when the row belongs to a sweep
 
 
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1")
+
+
 def _parse_value(name: str, text: str):
     kinds = {f.name: f.type for f in fields(Config)}
-    kind = {"float": float, "int": int, "int | None": int, "str": str}.get(kinds.get(name))
+    kind = {"float": float, "int": int, "int | None": int, "str": str, "bool": _bool,
+            "tuple[int, ...]": lambda t: tuple(int(v) for v in t.split(":") if v)}.get(kinds.get(name))
     try:
         return kind(text)
     except (TypeError, ValueError):
-        raise ValueError(f"--sweep {name}: cannot read {text!r} as {kinds.get(name)}") from None
+        raise ValueError(f"{name}: cannot read {text!r} as {kinds.get(name)}") from None
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
@@ -138,7 +147,8 @@ def build_rows(teachers: list[str], sweeps: list[tuple[str, list]], top_k: int) 
 ENDPOINT = "endpoint"  # the row of a live service given by --url: query protocol only (a black box has no logits)
 
 
-def endpoint_answers(url: str, api_key: str | None, sets: dict[str, torch.Tensor], cache: Path) -> dict:
+def endpoint_answers(url: str, api_key: str | None, sets: dict[str, torch.Tensor], classes: int, cache: Path
+                     ) -> dict:
     """The live service's probabilities for each image set, queried as clients/steal.py does and kept in `cache`
     (answers are paid for: a rerun asks only for what is missing)."""
     import asyncio
@@ -152,10 +162,12 @@ def endpoint_answers(url: str, api_key: str | None, sets: dict[str, torch.Tensor
             out = {"card": card}
             for name, images in sets.items():
                 shape = tuple(card["input"]["shape"][1:])
-                if tuple(images.shape[1:]) != shape:
-                    raise RunError(f"--url serves {card['name']} with input {list(shape)}, but the evaluation's "
-                                   f"images are {list(images.shape[1:])}: evaluate it on its own data set")
-                path = cache / f"{name}-{card['sha256'][:12]}-{len(images)}.npy"
+                if tuple(images.shape[1:]) != shape or len(card["class_names"]) != classes:
+                    raise RunError(f"--url serves {card['name']} with input {list(shape)} and "
+                                   f"{len(card['class_names'])} classes, but the evaluation has images "
+                                   f"{list(images.shape[1:])} and {classes} classes: evaluate it on its own data set")
+                digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:12]  # which images, not just how many
+                path = cache / f"{name}-{card['sha256'][:12]}-{digest}.npy"
                 probs = np.load(path) if path.exists() else np.full((len(images), len(card["class_names"])),
                                                                     np.nan, np.float32)
                 try:
@@ -188,6 +200,14 @@ class Evaluation:
         self.work: Path = args.work_dir
         self.cache = self.work / ".cache"
         self.device = resolve_device(args.device)
+        try:  # fail before training, not after
+            import matplotlib  # noqa: F401
+            if "query" in args.protocols:
+                import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise RunError(f"the evaluation needs {e.name}: pip install -e \".[eval,serve]\" (or [eval,gpu])") from None
+        if args.out.exists() and not args.out.is_dir():
+            raise RunError(f"--out {args.out} is a file, not a folder")
         self.full = load_dataset(args.dataset, args.data_root, self.cache / "data")
         preset = args.preset or default_preset(self.full)
         teacher_overrides = {**self.scale.teacher, **dict(args.set)}
@@ -215,7 +235,12 @@ class Evaluation:
         return replace(self.cfg, seed=seed, teacher=row.network, **dict(row.overrides))
 
     def student_cfg(self, arch: str, seed: int) -> Config:
-        return replace(self.cfg, seed=seed, arch=arch, epochs=self.student_epochs, base_epochs=None)
+        return replace(self.cfg, seed=seed, arch=arch, epochs=self.student_epochs, base_epochs=None,
+                       **self.scale.student)
+
+    def teacher_seed(self, seed: int) -> int:
+        """The seed of the teachers (and of their training subset) that the students of `seed` learn from."""
+        return seed if self.args.teacher_seed is None else self.args.teacher_seed
 
     def network_dir(self, cfg: Config, data: Dataset) -> tuple[Path, Path]:
         top_k = cfg.top_k or top_k_from_ratio(cfg.sparse_ratio, data.num_classes)
@@ -234,11 +259,13 @@ class Evaluation:
             self.trained["teacher_epochs"] += 1
 
         t0 = time.time()
+        name = (base_dir if cfg.teacher == "base" else out).name  # the card's model name: the folder's
         summary = run(cfg, out, device=str(self.device), cache_dir=self.cache, resume=True, base_dir=base_dir,
-                      progress=self.args.progress, on_epoch_end=count)
+                      name=name, progress=self.args.progress, on_epoch_end=count)
         self.seconds["teachers"] += time.time() - t0
         summary["model"] = load_trained(cfg, data, Path(summary["checkpoint"]), self.device)
-        return summary
+        summary["key"] = name  # its settings' hash: what its students' caches depend on (an ONNX file's bytes
+        return summary         # may differ between exports of the same weights)
 
     # -- students
     def _student_done(self, out: Path, settings: dict) -> dict | None:
@@ -286,7 +313,9 @@ class Evaluation:
 
     def student_settings(self, arch: str, seed: int, protocol: str, source: dict) -> dict:
         d = self.student_cfg(arch, seed).to_dict()
-        return {**{k: d[k] for k in BASE_FIELDS}, "epochs": self.student_epochs, "protocol": protocol, **source}
+        return {**{k: d[k] for k in BASE_FIELDS}, "limit_test": d["limit_test"], "epochs": self.student_epochs,
+                "data_seed": self.teacher_seed(seed),
+                "protocol": protocol, **source}
 
     # -- answers
     def served_answers(self, onnx_path: str, images: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -315,8 +344,8 @@ class Evaluation:
     # -- one seed, every table cell
     def seed_results(self, seed: int) -> dict:
         args = self.args
-        base_cfg = replace(self.cfg, seed=seed)
-        data = load_data(base_cfg, self.cache)
+        student_seed, seed = seed, self.teacher_seed(seed)  # below, `seed` is the teachers' and the data's
+        data = load_data(replace(self.cfg, seed=seed), self.cache)
         test = data.test
         networks: dict[tuple, dict] = {}
         for row in self.rows:
@@ -325,7 +354,8 @@ class Evaluation:
                 networks[key] = self.network(self.teacher_cfg(row, seed), data)
         if args.url:
             served = endpoint_answers(args.url, args.api_key, {"queries": self.query_set(seed).images,
-                                                                "test": test.images}, self.work / "endpoint")
+                                                                "test": test.images}, data.num_classes,
+                                      self.work / "endpoint")
         res = {"teachers": {}, "statistics": {}, "students": {p: {} for p in PROTOCOLS}, "histograms": {}}
         for row in self.rows:
             if row.network == ENDPOINT:  # probabilities only: softmax(log p / T) is the teacher at T
@@ -340,28 +370,28 @@ class Evaluation:
             res["histograms"][row.name] = entropy_histogram(probs)
 
         # Students trained alone: the reference each student's change is measured from.
-        alone = [(arch, arch, TEACHERS["base"], self.student_settings(arch, seed, "alone", {}))
+        alone = [(arch, arch, TEACHERS["base"], self.student_settings(arch, student_seed, "alone", {}))
                  for arch in args.students]
         res["students"]["alone"] = {k: v["test_accuracy"] for k, v in
-                                    self.train_students(alone, data.train, test, seed, data, kind="paper_students")
+                                    self.train_students(alone, data.train, test, student_seed, data, kind="paper_students")
                                     .items()}
         if "paper" in args.protocols:
             for key, net in networks.items():  # the endpoint has no logits: no paper protocol for it
                 rows = [r for r in self.rows if (r.network, r.overrides) == key]
                 jobs = []
                 for r in rows:
-                    source = {"teacher": net["sha256"], "top_k": r.top_k, "kd_temperature": self.kd_t,
+                    source = {"teacher": net["key"], "top_k": r.top_k, "kd_temperature": self.kd_t,
                               "kd_alpha": self.kd_alpha}
                     for arch in args.students:
                         jobs.append(((r.name, arch), arch, kd_recipe(self.kd_t, self.kd_alpha, r.top_k),
-                                     self.student_settings(arch, seed, "paper", source)))
+                                     self.student_settings(arch, student_seed, "paper", source)))
                 teacher = net["model"]
 
                 @torch.no_grad()
                 def prepare(batch, teacher=teacher):
                     return batch._replace(target=teacher(batch.x).float())
 
-                done = self.train_students(jobs, data.train, test, seed, data, prepare=prepare,
+                done = self.train_students(jobs, data.train, test, student_seed, data, prepare=prepare,
                                            kind="paper_students")
                 for (name, arch), m in done.items():
                     res["students"]["paper"].setdefault(name, {})[arch] = m["test_accuracy"]
@@ -373,17 +403,17 @@ class Evaluation:
                     probs, sha = served["queries"], served["card"]["sha256"]
                 else:
                     net = networks[(row.network, row.overrides)]
-                    probs, sha = self.served_answers(net["onnx"], queries.images, row.top_k), net["sha256"]
+                    probs, sha = self.served_answers(net["onnx"], queries.images, row.top_k), net["key"]
                 source = {"teacher": sha, "top_k": row.top_k, "label_mode": args.label_mode,
                           "kd_temperature": self.kd_t, "queries": len(queries.labels)}
-                jobs = [(arch, arch, recipe, self.student_settings(arch, seed, "query", source))
+                jobs = [(arch, arch, recipe, self.student_settings(arch, student_seed, "query", source))
                         for arch in args.students]
                 targets = student_targets(probs.float(), args.label_mode, self.kd_t)
                 # No labels: the teacher's top-1 stands in for them in the logged train accuracy.
-                done = self.train_students(jobs, Split(queries.images, probs.argmax(1)), test, seed, data,
+                done = self.train_students(jobs, Split(queries.images, probs.argmax(1)), test, student_seed, data,
                                            target=targets, kind="query_students")
                 res["students"]["query"][row.name] = {k: v["test_accuracy"] for k, v in done.items()}
-        if seed == args.seeds[0]:
+        if student_seed == args.seeds[0]:
             res["examples"] = self.examples(networks, data)
         return res
 
@@ -445,6 +475,18 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
     return out
 
 
+def redact(argv: list[str]) -> list[str]:
+    """The command line as recorded in results: without the API key."""
+    out = []
+    for i, a in enumerate(argv):
+        if a.startswith("--api-key="):
+            a = "--api-key=***"
+        elif i and argv[i - 1] == "--api-key":
+            a = "***"
+        out.append(a)
+    return out
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     t0 = time.time()
     ev = Evaluation(args)
@@ -453,14 +495,14 @@ def evaluate(args: argparse.Namespace) -> dict:
         print(f"evaluate: seed {seed}", file=sys.stderr)
         per_seed.append(ev.seed_results(seed))
     results = {
-        "command": "python -m training.evaluate " + " ".join(args.argv),
+        "command": "python -m training.evaluate " + " ".join(redact(args.argv)),
         "settings": {"dataset": args.dataset, "scale": args.scale, "scale_summary": ev.scale.summary,
-                     "seeds": args.seeds, "teachers": [r.name for r in ev.rows if r.sweep is None],
+                     "seeds": args.seeds, "teacher_seed": args.teacher_seed, "teachers": [r.name for r in ev.rows if r.sweep is None],
                      "students": args.students, "protocols": args.protocols, "teacher_config": ev.cfg.to_dict(),
                      "url": args.url,
                      "top_k": ev.top_k, "student_epochs": ev.student_epochs, "kd_temperature": ev.kd_t,
                      "kd_alpha": ev.kd_alpha, "label_mode": args.label_mode,
-                     "query_size": len(ev.query_set(args.seeds[0]).labels) if "query" in args.protocols else None,
+                     "query_size": len(ev.query_set(ev.teacher_seed(args.seeds[0])).labels) if "query" in args.protocols else None,
                      "device": str(ev.device), "torch": torch.__version__},
         **aggregate(per_seed, ev.rows, args.students, args.protocols),
         "sweeps": {name: [{"value": v, "row": f"ast {name}={v}"} for v in values] for name, values in args.sweep},
@@ -499,12 +541,19 @@ def _seeds(text: str) -> list[int]:
     return list(range(n))
 
 
+FIXED = ("dataset", "data_root", "seed", "teacher")  # set by --dataset, --data-root, --seeds and --teachers
+
+
 def _assignment(text: str) -> tuple[str, object]:
     name, sep, value = text.partition("=")
     name = name.strip().replace("-", "_")
-    if not sep or name not in {f.name for f in fields(Config)}:
-        raise argparse.ArgumentTypeError(f"--set takes FIELD=VALUE with FIELD a training option; got {text!r}")
-    return name, _parse_value(name, value.strip())
+    if not sep or name not in {f.name for f in fields(Config)} or name in FIXED:
+        raise argparse.ArgumentTypeError(f"--set takes FIELD=VALUE with FIELD a training option other than "
+                                         f"{', '.join(FIXED)}; got {text!r}")
+    try:
+        return name, _parse_value(name, value.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -524,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--students", type=_names, default=["cnn5"], help="student architectures (default: cnn5)")
     a("--scale", choices=list(SCALES), default="smoke", help="smoke, cpu or paper (default: smoke)")
     a("--seeds", type=_seeds, default=[0], help="a count N (seeds 0..N-1) or a list 0,3,7 (default: 1)")
+    a("--teacher-seed", type=int, help="train the teachers once, with this seed, for every student seed "
+                                       "(default: each seed trains its own teachers)")
     a("--protocols", type=_names, default=list(PROTOCOLS), help="paper, query or both (default: both)")
     a("--sweep", action="append", default=[], type=str, metavar="FIELD=V1,V2",
       help="an ablation of one AST hyperparameter (alpha, temperature, sparse_ratio, divergence...); repeatable")
@@ -553,6 +604,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.sweep = [parse_sweep(s) for s in args.sweep]
     if args.student_epochs is not None and args.student_epochs < 1:
         raise ValueError("--student-epochs must be at least 1")
+    if args.kd_temperature is not None and args.kd_temperature <= 0:
+        raise ValueError(f"--kd-temperature must be positive, got {args.kd_temperature}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds repeats a seed: {args.seeds}")
+    swept = [name for name, _ in args.sweep]
+    if len(set(swept)) != len(swept):
+        raise ValueError("--sweep names a field twice; give all its values in one --sweep")
     if not 0 <= args.kd_alpha <= 1:
         raise ValueError(f"--kd-alpha must be in [0, 1], got {args.kd_alpha}")
     return args

@@ -32,14 +32,17 @@ from training.pgd import PGDConfig, adversarial_set  # noqa: E402
 from training.teachers import TEACHERS, Context  # noqa: E402
 
 # What the base model depends on: a change elsewhere (alpha, T, PGD...) reuses the cached base.
-BASE_FIELDS = ("dataset", "limit_train", "limit_test", "arch", "batch_size", "lr", "momentum", "weight_decay", "schedule",
+BASE_FIELDS = ("dataset", "limit_train", "arch", "batch_size", "lr", "momentum", "weight_decay", "schedule",
                "milestones", "gamma", "crop_pad", "flip", "seed")
 
 
 def stage_settings(cfg: Config, teacher: str, epochs: int, top_k: int) -> dict:
     """Everything a stage's result depends on; a finished stage is reused only when these match."""
     d = {**cfg.to_dict(), "top_k": top_k}  # the k actually used, whether from --top-k or --sparse-ratio
-    return {**{k: d[k] for k in BASE_FIELDS + TEACHERS[teacher].params}, "teacher": teacher, "epochs": epochs}
+    settings = {**{k: d[k] for k in BASE_FIELDS + TEACHERS[teacher].params}, "teacher": teacher, "epochs": epochs}
+    if TEACHERS[teacher].needs_base:  # trained against the base model: depends on how long that trained
+        settings["base_epochs"] = cfg.base_epochs or cfg.epochs
+    return settings
 
 
 def load_data(cfg: Config, cache_dir: Path) -> Dataset:
@@ -152,7 +155,9 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
                                      resume=resume, overwrite=overwrite, progress=progress,
                                      on_epoch_end=hook("base"))
     base_acc = base_metrics["test_accuracy"]
-    export_stage(base, base_dir, data, cfg, "base", base_metrics, f"{name}-base", version, base_acc)
+    # A shared base (several teachers' base_dir) keeps one name, so it is exported once.
+    base_name = f"{name}-base" if base_dir == out / "base" else base_dir.resolve().name
+    export_stage(base, base_dir, data, cfg, "base", base_metrics, base_name, version, base_acc)
 
     summary = {"base": {"test_accuracy": base_acc}}
     pair = None

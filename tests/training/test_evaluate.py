@@ -92,9 +92,30 @@ def test_a_live_endpoint_is_evaluated_with_the_query_protocol(smoke, digits_run)
     (["--protocols", "paper,white"], "unknown protocol 'white'"),
     (["--scale", "paper", "--protocols", "query"], "needs training images the teacher did not see"),
     (["--set", "colour=red"], "--set takes FIELD=VALUE"),
+    (["--set", "dataset=cifar10"], "other than dataset"),
+    (["--set", "alpha=lots"], "alpha: cannot read 'lots'"),
+    (["--seeds", "0,0"], "--seeds repeats a seed"),
+    (["--sweep", "alpha=0.1", "--sweep", "alpha=0.2"], "names a field twice"),
+    (["--kd-temperature", "0"], "--kd-temperature must be positive"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     code = main(["--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_recorded_command_never_holds_the_api_key():
+    from training.evaluate import redact
+    assert redact(["--url", "http://x", "--api-key", "s3cret", "--api-key=other"]) == \
+        ["--url", "http://x", "--api-key", "***", "--api-key=***"]
+
+
+def test_teachers_trained_once_serve_every_student_seed(tmp_path):
+    argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base,st", "--seeds", "2", "--teacher-seed", "0",
+            "--protocols", "paper", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--no-progress"]
+    assert main(argv) == 0
+    r = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert r["teachers"]["base"]["accuracy"]["std"] == 0.0  # one teacher ...
+    assert len(set(r["students"]["paper"]["base"]["cnn5"]["accuracy"]["values"])) == 2  # ... two student seeds
+    assert r["run"]["trained"]["teacher_epochs"] == 4  # the base, once
