@@ -574,3 +574,25 @@ def test_batches_have_one_memory_layout_whatever_strides_the_images_came_with():
         a = next(DeviceLoader(odd, torch.arange(4), 4, crop_pad=pad, seed=1).epoch(0)).x
         b = next(DeviceLoader(same, torch.arange(4), 4, crop_pad=pad, seed=1).epoch(0)).x
         assert torch.equal(a, b) and a.stride() == b.stride() == (64, 64, 8, 1)
+
+
+def test_held_out_is_exactly_what_limit_train_leaves_out(digits):
+    kept, rest = digits.limit_train(500, seed=4), digits.held_out(500, seed=4)
+    assert len(rest.labels) == len(digits.train.labels) - 500
+    # Together they are the training split, each image once.
+    kept_idx = set(balanced_subset(digits.train.labels, 500, seed=4).tolist())
+    others = torch.tensor([i for i in range(len(digits.train.labels)) if i not in kept_idx])
+    assert torch.equal(rest.images, digits.train.images[others]) and torch.equal(kept.train.images,
+                                                                                  digits.train.images[sorted(kept_idx)])
+    assert sorted(torch.cat([kept.train.labels, rest.labels]).tolist()) == sorted(digits.train.labels.tolist())
+    assert len(digits.held_out(None).labels) == 0 and len(digits.held_out(10**6).labels) == 0
+
+
+def test_limit_test_is_balanced_and_the_same_whatever_the_training_seed(digits):
+    a = digits.limit_train(500, seed=1).limit_test(100)
+    b = digits.limit_train(500, seed=2).limit_test(100)
+    assert torch.equal(a.test.images, b.test.images)
+    assert torch.bincount(a.test.labels, minlength=10).tolist() == [10] * 10
+    assert digits.limit_test(None) is digits
+    with pytest.raises(DataError, match="--limit-test 5"):
+        digits.limit_test(5)
