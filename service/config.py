@@ -51,7 +51,11 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="file with one API key per line (# comments)")
     budget_images: int | None = Field(None, ge=0, description="images each key may ask for per budget period")
     budget_period_s: int = Field(86400, ge=1, description="length of a budget period in seconds")
+    budget_backend: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="where budgets and rate limits live: sqlite (one host) or redis (shared by replicas)")
     budget_db: Path = Field(Path("astguard-budgets.sqlite"), description="SQLite file that keeps the budgets")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis backend: the server")
+    redis_prefix: str = Field("astguard:", description="redis backend: prefix of every key astguard writes")
     rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second per key (token bucket)")
     rate_limit_burst: int = Field(10, ge=1, description="token bucket size")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from service.access import ANONYMOUS, BudgetStore, KeyRing, RateLimiter
+from service.access import ANONYMOUS, BudgetStore, KeyRing, RateLimiter, StoreUnavailable, make_stores
 from service.batching import MicroBatcher, Runner
 from service.config import Settings
 from service.defenses import DEFENSES, make_defense
@@ -79,9 +79,16 @@ class Service:
         limit_pixels(settings.max_image_pixels)
         model = OnnxModel(settings.model, device=settings.device, intra_op_threads=settings.intra_op_threads)
         keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
-        budgets = BudgetStore(settings.budget_db, settings.budget_images, settings.budget_period_s)
-        limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        budgets, limiter = make_stores(settings)
         return cls(settings, model, keys, budgets, limiter, Metrics(), settings.output_defense, params)
+
+    @staticmethod
+    def _shared(fn, *args):
+        """A call to the budget store or rate limiter; a shared store that is down gives a 503, not a 500."""
+        try:
+            return fn(*args)
+        except StoreUnavailable as e:
+            raise ClientError(f"{e}; retry later", 503, "store_unavailable", {"Retry-After": "1"}) from None
 
     def identify(self, presented: str | None) -> str:
         """The caller's identity (a key id), or a 401."""
@@ -96,14 +103,14 @@ class Service:
 
     def admit(self, identity: str) -> None:
         """The rate limit: checked before the body is read, so a flood costs little."""
-        wait = self.limiter.acquire(identity)
+        wait = self._shared(self.limiter.acquire, identity)
         if wait > 0:
             raise ClientError(f"rate limit of {self.settings.rate_limit_per_s:g} requests/s exceeded; retry later",
                               429, "rate_limited", self._quota_headers(identity, wait))
 
     def _quota_headers(self, identity: str, retry_after: float = 0) -> dict[str, str]:
         headers = {}
-        remaining = self.budgets.remaining(identity)
+        remaining = self._shared(self.budgets.remaining, identity)
         if remaining is not None:
             headers["X-Budget-Remaining"] = str(remaining)
         if retry_after:
@@ -113,7 +120,7 @@ class Service:
     async def classify(self, identity: str, images: np.ndarray) -> Answer:
         """images: float32 [N, C, H, W] in [0,1], already validated. Charges N images, then answers."""
         n = len(images)
-        charge = self.budgets.charge(identity, n)
+        charge = self._shared(self.budgets.charge, identity, n)
         if not charge.allowed:
             raise ClientError(f"image budget exhausted: {charge.remaining} of {self.settings.budget_images} images "
                               f"left in this period, {n} asked for", 429, "budget_exhausted",
@@ -138,6 +145,7 @@ class Service:
             "limits": {"max_images_per_request": s.max_images_per_request, "max_body_bytes": s.max_body_bytes,
                        "max_image_pixels": s.max_image_pixels, "resize_policy": s.resize_policy,
                        "budget_images": s.budget_images, "budget_period_s": s.budget_period_s,
+                       "budget_backend": s.budget_backend,
                        "rate_limit_per_s": s.rate_limit_per_s},
             "auth": "open" if self.keys.open else "api-key",
         }
