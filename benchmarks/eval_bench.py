@@ -55,27 +55,41 @@ def sharing(args, device) -> None:
     def own_teacher(model, batch, ctx):  # a separate run computes the teacher's answers itself
         return recipe.loss(model, prepare(batch), ctx)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    solo = Recipe("kd", "kd", own_teacher)
+
+    def run_shared(tmp):
         fit_group([Member(m, recipe, Context(cfg, 0), Path(tmp) / f"g{i}") for i, m in enumerate(students())],
                   train, test, epochs=args.epochs, device=device, prepare=prepare, progress=False)
-        sync()
-        shared = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        solo = Recipe("kd", "kd", own_teacher)
+
+    def run_separate(tmp):
         for i, m in enumerate(students()):
             fit(m, solo, Context(cfg, 0), train, test, Path(tmp) / f"s{i}", epochs=args.epochs, device=device,
                 progress=False)
-        sync()
-        separate = time.perf_counter() - t0
+
+    def timed(fn):
+        with tempfile.TemporaryDirectory() as tmp:
+            sync()
+            t0 = time.perf_counter()
+            fn(tmp)
+            sync()
+            return time.perf_counter() - t0
+
+    timed(run_separate)  # warm-up: allocator, kernels
+    rounds = {"shared": [], "separate": []}
+    for r in range(args.rounds):  # alternate the order, so neither always runs on a warmer machine
+        order = [("shared", run_shared), ("separate", run_separate)]
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
+            rounds[name].append(timed(fn))
+    shared, separate = (sorted(v)[len(v) // 2] for v in (rounds["shared"], rounds["separate"]))
+    ratios = [b / a for a, b in zip(rounds["shared"], rounds["separate"])]
     per_hour = lambda s: args.students * 3600 / s  # noqa: E731
     print(f"{args.students} {args.student} students of one {args.teacher} teacher, {args.images} images x "
           f"{args.epochs} epochs on {device}:")
     print(f"  shared teacher forward: {shared:7.1f} s  ({per_hour(shared):8.1f} students/hour)")
     print(f"  separate runs:          {separate:7.1f} s  ({per_hour(separate):8.1f} students/hour)")
-    print(f"  ratio shared/separate students per hour: {separate / shared:.2f}x")
+    print(f"  ratio shared/separate students per hour: {separate / shared:.2f}x (median of {args.rounds} rounds; "
+          f"rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
 def precision(args, device) -> None:
@@ -120,6 +134,7 @@ def main() -> None:
     p.add_argument("--teacher-gpu", default="resnet18", help="architecture of the precision benchmark")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-sharing", action="store_true")
     args = p.parse_args()
     device = resolve_device(args.device)

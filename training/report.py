@@ -69,7 +69,10 @@ def markdown(results: dict) -> str:
              f"alpha {s['kd_alpha']} (paper protocol); label mode `{s['label_mode']}`, "
              f"{s['query_size']} held-out queries (query protocol).",
              f"- Test set: {c['limit_test'] or 'all'} images. Seeds: {', '.join(map(str, s['seeds']))} "
-             "(mean ± sample std over seeds; every seed retrains teachers and students).",
+             "(mean ± sample std over seeds; "
+             + ("every seed retrains teachers and students)." if s.get("teacher_seed") is None else
+                f"the teachers trained once with seed {s['teacher_seed']}, so their std is 0 and the spread is "
+                "the students')."),
              f"- Device {s['device']}, torch {s['torch']}; this invocation took {run['wall_seconds']:.0f} s "
              f"and trained {run['trained']['teacher_epochs']} teacher and {run['trained']['student_epochs']} "
              "student epochs (0: everything came from the cache).", ""]
