@@ -97,3 +97,30 @@ def test_budgets_and_rate_limits_hold_across_two_service_processes(digits_run, r
         results = asyncio.run(_spread([a.url, b.url], 10, "any"))
         codes = sorted(r.status_code for r in results)
         assert codes == [200] * 5 + [429] * 5  # one bucket of 5 for the key, whichever replica answers
+
+
+def test_a_redis_that_goes_away_gives_503_not_500(digits_run):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        import redis
+        for _ in range(100):
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        with serve(digits_run[0] / "model.onnx", "--budget-backend", "redis", "--redis-url", url,
+                   "--budget-images", "5") as s:
+            assert httpx.post(s.url + "/predict", files=files([IMG])).status_code == 200
+            proc.terminate()
+            proc.wait(10)
+            r = httpx.post(s.url + "/predict", files=files([IMG]))
+            assert r.status_code == 503 and r.json()["reason"] == "store_unavailable"
+            assert "Redis" in r.json()["detail"] and r.headers["retry-after"] == "1"
+    finally:
+        proc.kill()
