@@ -39,7 +39,7 @@ from training.models import create_model, list_models
 from training.pgd import pgd_linf
 from training.stats import answer_statistics, entropy, entropy_histogram, over_seeds
 from training.teachers import TEACHERS, Context
-from training.train_ast import BASE_FIELDS, load_data, load_trained, run, stage_settings
+from training.train_ast import BASE_FIELDS, _parse_ints, load_data, load_trained, run, stage_settings
 
 PROTOCOLS = ("paper", "query")
 STINGY = "st"  # the base network, answering with its top-k only
@@ -110,10 +110,10 @@ def _bool(text: str) -> bool:
 def _parse_value(name: str, text: str):
     kinds = {f.name: f.type for f in fields(Config)}
     kind = {"float": float, "int": int, "int | None": int, "str": str, "bool": _bool,
-            "tuple[int, ...]": lambda t: tuple(int(v) for v in t.split(":") if v)}.get(kinds.get(name))
+            "tuple[int, ...]": _parse_ints}.get(kinds.get(name))  # the same list syntax as astguard-train's
     try:
         return kind(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
         raise ValueError(f"{name}: cannot read {text!r} as {kinds.get(name)}") from None
 
 
@@ -223,6 +223,7 @@ class Evaluation:
         for arch in args.students:
             if arch not in list_models():
                 raise ValueError(f"unknown student {arch!r}; known: {', '.join(list_models())}")
+        self._queries: dict[int, Split] = {}
         if "query" in args.protocols:
             self.query_set(args.seeds[0])  # fails now, not after the teachers, when there is no held-out data
         elif args.url:
@@ -333,6 +334,11 @@ class Evaluation:
         return torch.from_numpy(np.concatenate(out))
 
     def query_set(self, seed: int) -> Split:
+        if seed not in self._queries:  # asked for at start-up, per seed and for the report: drawn once
+            self._queries[seed] = self._draw_queries(seed)
+        return self._queries[seed]
+
+    def _draw_queries(self, seed: int) -> Split:
         held = self.full.held_out(self.cfg.limit_train, seed)
         if len(held.labels) == 0:
             raise RunError("the query protocol needs training images the teacher did not see, and this scale "

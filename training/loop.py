@@ -63,9 +63,14 @@ class Member:
     out_dir: Path
     meta: dict | None = None
     on_epoch_end: Callable[[int, dict], None] | None = None
-    # filled in by fit_group
+    # fit_group's working state: the result (history), where it resumed, and per-epoch accumulators
     history: list[dict] = field(default_factory=list)
     start: int = 0
+    opt: torch.optim.Optimizer | None = field(default=None, repr=False)
+    rng: tuple | None = field(default=None, repr=False)
+    sums: dict = field(default_factory=dict, repr=False)
+    correct: torch.Tensor | None = field(default=None, repr=False)
+    skipped: int = 0
 
 
 def fit(model: nn.Module, recipe: Recipe, ctx: Context, train: Split, test: Split, out_dir: Path, *,

@@ -105,6 +105,12 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_set_reads_lists_as_astguard_train_does():
+    from training.evaluate import _assignment
+    assert _assignment("milestones=10,20") == ("milestones", (10, 20))
+    assert _assignment("flip=false") == ("flip", False)
+
+
 def test_the_recorded_command_never_holds_the_api_key():
     from training.evaluate import redact
     assert redact(["--url", "http://x", "--api-key", "s3cret", "--api-key=other"]) == \
