@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.distributed import share
+
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 NAMED = ("digits", "cifar10", "cifar100")
@@ -324,28 +326,47 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
-def batch_crop_flip(tensors: list[torch.Tensor], pad: int, flip: bool, generator: torch.Generator
-                    ) -> list[torch.Tensor]:
-    """Random crop after zero-padding by `pad`, and random horizontal flip: one draw, applied to every tensor."""
+class CropFlip(NamedTuple):
+    """One batch's augmentation draws: crop offsets (or None) and the rows to flip, as CPU tensors."""
+    dy: torch.Tensor | None
+    dx: torch.Tensor | None
+    flip: torch.Tensor | None  # bool per row
+
+    def rows(self, keep: slice) -> "CropFlip":
+        return CropFlip(*(t[keep] if t is not None else None for t in self))
+
+
+def draw_crop_flip(b: int, pad: int, flip: bool, generator: torch.Generator) -> CropFlip:
+    # Random numbers come from a CPU generator so the batches are the same on every device.
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator) if pad else None
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator) if pad else None
+    return CropFlip(dy, dx, torch.rand(b, generator=generator) < 0.5 if flip else None)
+
+
+def apply_crop_flip(tensors: list[torch.Tensor], pad: int, draws: CropFlip) -> list[torch.Tensor]:
+    """Random crop after zero-padding by `pad`, and horizontal flip, as drawn: the same for every tensor."""
     b, c, h, w = tensors[0].shape
     device = tensors[0].device
     fresh = False
-    if pad:
-        # Random numbers come from a CPU generator so the batches are the same on every device.
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(device)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(device)
-        bi = torch.arange(b, device=device)
+    if draws.dy is not None:
+        dy, dx, bi = draws.dy.to(device), draws.dx.to(device), torch.arange(b, device=device)
         # unfold views every h x w window of the padded batch as [b, c, dy, dx, h, w]: picking one window per
         # image takes three length-b indices instead of four per-pixel index tensors (about 10x faster on CPU).
         tensors = [F.pad(t, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)[bi, :, dy, dx] for t in tensors]
         fresh = True
-    if flip:
-        chosen = torch.nonzero(torch.rand(b, generator=generator) < 0.5).flatten().to(device)
+    if draws.flip is not None:
+        chosen = torch.nonzero(draws.flip).flatten().to(device)
         tensors = [t if fresh else t.clone() for t in tensors]  # never write into the caller's tensors
         for t in tensors:
             # In place on the chosen images only: torch.where with a [b,1,1,1] mask is several times slower on CPU.
             t.index_copy_(0, chosen, t.index_select(0, chosen).flip(3))
     return tensors
+
+
+def batch_crop_flip(tensors: list[torch.Tensor], pad: int, flip: bool, generator: torch.Generator
+                    ) -> list[torch.Tensor]:
+    """Random crop after zero-padding by `pad`, and random horizontal flip: one draw, applied to every tensor."""
+    return apply_crop_flip(tensors, pad, draw_crop_flip(len(tensors[0]), pad, flip, generator))
 
 
 def standard_layout(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -366,12 +387,14 @@ class DeviceLoader:
 
     `pair` (e.g. the adversarial images) is indexed and augmented exactly like `images`, so each clean image
     meets its own adversarial image; `target` is indexed alike and left as it is. Batches depend only on
-    (seed, epoch): a resumed run sees the same ones.
+    (seed, epoch): a resumed run sees the same ones. With `shard=(rank, world)` each batch is this rank's
+    contiguous share of the batch a single process would see, augmented alike (training.distributed).
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, *,
                  pair: torch.Tensor | None = None, target: torch.Tensor | None = None, shuffle: bool = True,
-                 crop_pad: int = 0, flip: bool = False, drop_last: bool = False, seed: int = 0):
+                 crop_pad: int = 0, flip: bool = False, drop_last: bool = False, seed: int = 0,
+                 shard: tuple[int, int] = (0, 1)):
         if (len(images) != len(targets) or (pair is not None and pair.shape != images.shape)
                 or (target is not None and len(target) != len(images))):
             raise ValueError("images, targets, pair and target must be aligned")
@@ -379,6 +402,9 @@ class DeviceLoader:
         self.images = standard_layout(images)
         self.batch_size, self.shuffle, self.crop_pad, self.flip = batch_size, shuffle, crop_pad, flip
         self.drop_last, self.seed = drop_last, seed
+        self.rank, self.world = shard
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"shard {shard} is not (rank, world) with 0 <= rank < world")
 
     def __len__(self) -> int:
         n = len(self.images)
@@ -391,9 +417,13 @@ class DeviceLoader:
         order = order.to(self.images.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            draws = draw_crop_flip(len(idx), self.crop_pad, self.flip, g) if self.crop_pad or self.flip else None
+            if self.world > 1:  # this rank's rows; the draws are made for the whole batch, so they line up
+                keep = share(len(idx), self.rank, self.world)
+                idx, draws = idx[keep], draws.rows(keep) if draws is not None else None
             xs = [self.images[idx]] + ([self.pair[idx]] if self.pair is not None else [])
-            if self.crop_pad or self.flip:
-                xs = batch_crop_flip(xs, self.crop_pad, self.flip, g)
+            if draws is not None:
+                xs = apply_crop_flip(xs, self.crop_pad, draws)
             yield Batch(to_float(xs[0]), self.targets[idx], idx, to_float(xs[1]) if len(xs) > 1 else None,
                         self.target[idx] if self.target is not None else None)
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training import distributed
 from training.config import Config, lr_at
 from training.data import Batch, DeviceLoader, Split, iterate_in_order
 from training.teachers import Context, Recipe
@@ -27,8 +28,13 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device, batch_size: i
     return torch.cat([model(x.to(device)).float().cpu() for x in iterate_in_order(images, batch_size)])
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int = 512) -> float:
-    return (predict_logits(model, images, device, batch_size).argmax(1) == labels).float().mean().item()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int = 512, *,
+             sharded: bool = False) -> float:
+    """Top-1 accuracy. `sharded`: every process of a distributed run scores its share and the counts are summed
+    (all of them must call it)."""
+    rows = distributed.shard(len(labels)) if sharded else slice(None)
+    hits = (predict_logits(model, images[rows], device, batch_size).argmax(1) == labels[rows]).sum()
+    return distributed.sum_all(hits).item() / len(labels) if sharded else hits.item() / len(labels)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -66,6 +72,7 @@ class Member:
     # fit_group's working state: the result (history), where it resumed, and per-epoch accumulators
     history: list[dict] = field(default_factory=list)
     start: int = 0
+    net: nn.Module | None = field(default=None, repr=False)  # what the steps run: the model, or its DDP wrapper
     opt: torch.optim.Optimizer | None = field(default=None, repr=False)
     rng: tuple | None = field(default=None, repr=False)
     sums: dict = field(default_factory=dict, repr=False)
@@ -106,13 +113,23 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
     """Train several models in lockstep on the same batches; `prepare(batch)` runs once per batch for all of
     them (e.g. a teacher's forward pass into batch.target). Each member ends exactly as if trained alone by
     fit(): it gets its own optimizer, checkpoint, log, and random stream (dropout), reset from (seed, epoch).
-    The members must agree on what the batches depend on (batch size, augmentation, seed)."""
+    The members must agree on what the batches depend on (batch size, augmentation, seed).
+
+    Under torchrun (training.distributed) every rank trains its share of each global batch with DDP and the
+    result equals a single process's with the same batch size; rank 0 alone writes logs and checkpoints."""
     cfg: Config = members[0].ctx.cfg
     loader_keys = ("batch_size", "crop_pad", "flip", "seed")
     if any(getattr(m.ctx.cfg, k) != getattr(cfg, k) for m in members for k in loader_keys):
         raise ValueError(f"fit_group members must share {', '.join(loader_keys)}")
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    n, bs = len(train.labels), cfg.batch_size
+    if world > 1 and min(bs, n % bs or bs) < world:
+        raise ValueError(f"{world} processes need at least {world} images in every batch, but a batch holds "
+                         f"{min(bs, n % bs or bs)} ({n} images in batches of {bs}); change --batch-size or the "
+                         "training set size")
     for m in members:
-        m.out_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            m.out_dir.mkdir(parents=True, exist_ok=True)
         m.opt = torch.optim.SGD(m.model.parameters(), lr=m.ctx.cfg.lr, momentum=m.ctx.cfg.momentum,
                                 weight_decay=m.ctx.cfg.weight_decay)
         m.start, m.history = 0, []
@@ -122,21 +139,25 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
             m.model.load_state_dict(state["model"])
             m.opt.load_state_dict(state["optimizer"])
             m.start, m.history = state["epoch"], state["history"]
-        (m.out_dir / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in m.history))
+        if main:
+            (m.out_dir / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in m.history))
+        m.net = distributed.wrap(m.model, device)
 
     loader = DeviceLoader(train.images.to(device), train.labels.to(device), cfg.batch_size,
                           pair=pair.to(device) if pair is not None else None,
                           target=target.to(device) if target is not None else None, crop_pad=cfg.crop_pad,
-                          flip=cfg.flip, seed=cfg.seed)
-    steps, n = len(loader), len(train.labels)
+                          flip=cfg.flip, seed=cfg.seed, shard=(rank, world))
+    steps = len(loader)
+    progress = progress and main
     swap = len(members) > 1  # a lone model keeps the global random stream; a group swaps one per member
     names = "+".join(m.recipe.name for m in members)
     for epoch in range(min((m.start for m in members), default=epochs), epochs):
         active = [m for m in members if m.start <= epoch]  # a member resumed further along sits this epoch out
         for m in active:
-            torch.manual_seed(m.ctx.cfg.seed * 1_000_003 + epoch)  # dropout draws: the same after a resume
+            # Dropout draws: the same after a resume, and each rank's its own.
+            torch.manual_seed((m.ctx.cfg.seed * 1_000_003 + epoch) * world + rank)
             m.rng = _rng_state(device) if swap else None
-            m.model.train()
+            m.net.train()
             m.sums, m.correct, m.skipped = {}, torch.zeros((), device=device), 0
         t0 = time.time()
         bar = tqdm(loader.epoch(epoch), total=steps, desc=f"{names} {epoch + 1}/{epochs}",
@@ -144,19 +165,23 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
         for i, batch in enumerate(bar):
             if prepare is not None:
                 batch = prepare(batch)
+            # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of the global batch
+            # makes that average the global batch's mean gradient, as in one process.
+            share = len(batch.y) * world / min(bs, n - i * bs)
             for m in active:
                 if swap:
                     _set_rng_state(m.rng, device)
                 for group in m.opt.param_groups:
                     group["lr"] = lr_at(m.ctx.cfg, epoch + i / steps, epochs)
-                loss, terms, logits = m.recipe.loss(m.model, batch, m.ctx)
+                loss, terms, logits = m.recipe.loss(m.net, batch, m.ctx)
                 if swap:
                     m.rng = _rng_state(device)
-                if m.recipe.nan_guard and not torch.isfinite(loss).item():
+                # Every rank must take or skip the step together, or DDP waits forever.
+                if m.recipe.nan_guard and distributed.sum_all(~torch.isfinite(loss)).item():
                     m.skipped += 1
                     continue
                 m.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * share if world > 1 else loss).backward()
                 m.opt.step()
                 # Running sums stay on the device: no sync per step.
                 for k, v in {"loss": loss.detach(), **terms}.items():
@@ -164,12 +189,17 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
                 m.correct += (logits.argmax(1) == batch.y).sum()
         seconds = round((time.time() - t0) / len(active), 3)  # a group's epoch time, shared out
         for m in active:
+            totals = distributed.sum_all(torch.stack([torch.as_tensor(v, device=device, dtype=torch.float64)
+                                                      for v in [m.correct, *m.sums.values()]]))
             row = {"epoch": epoch + 1, "lr": lr_at(m.ctx.cfg, epoch, epochs),
-                   **{k: float(v) / n for k, v in m.sums.items()},
-                   "train_accuracy": m.correct.item() / n,
-                   "test_accuracy": accuracy(m.model, test.images, test.labels, device, m.ctx.cfg.eval_batch_size),
+                   **{k: float(v) / n for k, v in zip(m.sums, totals[1:])},
+                   "train_accuracy": float(totals[0]) / n,
+                   "test_accuracy": accuracy(m.model, test.images, test.labels, device, m.ctx.cfg.eval_batch_size,
+                                             sharded=True),
                    "skipped_steps": m.skipped, "seconds": seconds}
             m.history.append(row)
+            if not main:
+                continue
             with (m.out_dir / "log.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
             _save_atomic({"epoch": epoch + 1, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from training import distributed
 from training.data import to_float
 
 
@@ -61,7 +62,9 @@ def adversarial_set(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     """PGD images for every training image, in the same order, as float16 [0,1] on the CPU.
 
     Cached on disk keyed by the model's weights, the images and the PGD settings. float16 keeps 11 bits in
-    [0,1], finer than the 8 bits of the source pixels, at half the memory of float32.
+    [0,1], finer than the 8 bits of the source pixels, at half the memory of float32. In a distributed run
+    (training.distributed) each rank attacks its share of the batches, every rank gets the whole set, and rank 0
+    writes the cache; the batches, and so the images, are the ones a single process makes.
     """
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
     key.update(state_hash(model).encode())
@@ -72,14 +75,20 @@ def adversarial_set(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         return torch.load(path)
     model.eval()
     g = torch.Generator().manual_seed(cfg.seed)
+    starts = range(0, len(images), batch_size)
+    mine = starts[distributed.shard(len(starts))]  # whole batches, so each is the one a single process attacks
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="PGD", unit="batch", disable=not progress):
-        x = to_float(images[i:i + batch_size]).to(device)
-        y = labels[i:i + batch_size].to(device)
+    for i in tqdm(starts, desc="PGD", unit="batch", disable=not (progress and distributed.is_main())):
+        if i not in mine:
+            if cfg.random_start:  # keep the generator where a single process would have it
+                torch.rand(images[i:i + batch_size].shape, generator=g)
+            continue
+        x, y = to_float(images[i:i + batch_size]).to(device), labels[i:i + batch_size].to(device)
         out.append(pgd_linf(model, x, y, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
-                            random_start=cfg.random_start, generator=g).half().cpu())
-    adv = torch.cat(out)
-    if path is not None:
+                            random_start=cfg.random_start, generator=g).half())
+    adv = torch.cat(out) if out else torch.zeros((0, *images.shape[1:]), dtype=torch.float16, device=device)
+    adv = distributed.cat_ranks(adv).cpu()
+    if path is not None and distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(adv, tmp)

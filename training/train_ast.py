@@ -2,6 +2,7 @@
 
     python training/train_ast.py --dataset digits --out runs/digits-ast
     astguard-train --preset cifar10-resnet18 --dataset ../shared/data/cifar10-jpeg.zip --out runs/c10-ast
+    torchrun --nproc_per_node 4 training/train_ast.py --preset cifar10-resnet18 --out runs/c10-ast --distributed
 
 Layout of --out: model.onnx, model.json, metrics.json, log.jsonl, checkpoint.pt for the teacher, and the same
 for the base model under base/. A finished stage with the same settings is reused, an interrupted one continues
@@ -22,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make `training` importable and
 
 import torch  # noqa: E402
 
+from training import distributed  # noqa: E402
 from training.config import PRESETS, Config, make_config, validate  # noqa: E402
 from training.data import DataError, Dataset, load_dataset  # noqa: E402
 from training.export import ExportError, export_verified, sha256_file  # noqa: E402
@@ -70,9 +72,10 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
     settings = stage_settings(cfg, teacher, epochs, top_k)
     metrics_path, ckpt_path = out_dir / "metrics.json", out_dir / "checkpoint.pt"
     model = build_model(cfg, data, device)
-    if overwrite:
+    if overwrite and distributed.is_main():
         for p in (metrics_path, ckpt_path):
             p.unlink(missing_ok=True)
+    distributed.barrier()  # every rank sees the run directory as rank 0 left it
     if metrics_path.exists() and ckpt_path.exists():
         metrics = json.loads(metrics_path.read_text())
         if metrics.get("settings") != settings:
@@ -81,7 +84,8 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
             raise RunError(f"{out_dir} holds a finished {teacher} run with other settings (differs in: "
                            f"{', '.join(changed)}); use another --out, or --overwrite to replace it")
         model.load_state_dict(torch.load(ckpt_path, map_location=device, weights_only=False)["model"])
-        print(f"[{teacher}] reusing the finished run in {out_dir} (test accuracy {metrics['test_accuracy']:.4f})",
+        if distributed.is_main():
+            print(f"[{teacher}] reusing the finished run in {out_dir} (test accuracy {metrics['test_accuracy']:.4f})",
               file=sys.stderr)
         return model.eval(), metrics
     if ckpt_path.exists():
@@ -101,7 +105,8 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
                "skipped_steps": sum(r["skipped_steps"] for r in history),
                "train_seconds": round(sum(r["seconds"] for r in history), 2),
                "wall_seconds_this_run": round(time.time() - t0, 2), "settings": settings}
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    if distributed.is_main():
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     return model.eval(), metrics
 
 
@@ -140,14 +145,18 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
     validate(cfg)
     dev = resolve_device(device)
     cache_dir = cache_dir or out.parent / ".cache"
-    data = load_data(cfg, cache_dir)
+    with distributed.main_first():  # one process decodes and caches the data set
+        data = load_data(cfg, cache_dir)
+    main = distributed.is_main()
     top_k = cfg.top_k or top_k_from_ratio(cfg.sparse_ratio, data.num_classes)
     if top_k > data.num_classes:
         raise ValueError(f"--top-k {top_k} exceeds the number of classes ({data.num_classes})")
     name = name or out.resolve().name
     recipe = TEACHERS[cfg.teacher]
-    print(f"astguard-train: {cfg.teacher} teacher, {cfg.arch} on {data.name} ({len(data.train.labels)} train / "
-          f"{len(data.test.labels)} test, {data.num_classes} classes), device {dev}", file=sys.stderr)
+    if main:
+        where = f"{distributed.world_size()} processes on {dev.type}" if distributed.active() else f"device {dev}"
+        print(f"astguard-train: {cfg.teacher} teacher, {cfg.arch} on {data.name} ({len(data.train.labels)} train / "
+              f"{len(data.test.labels)} test, {data.num_classes} classes), {where}", file=sys.stderr)
 
     base_epochs = cfg.base_epochs or cfg.epochs
     base_dir = base_dir or out / "base"
@@ -157,7 +166,8 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
     base_acc = base_metrics["test_accuracy"]
     # A shared base (several teachers' base_dir) keeps one name, so it is exported once.
     base_name = f"{name}-base" if base_dir == out / "base" else base_dir.resolve().name
-    export_stage(base, base_dir, data, cfg, "base", base_metrics, base_name, version, base_acc)
+    if main:  # the other ranks go on to PGD, and wait there for rank 0
+        export_stage(base, base_dir, data, cfg, "base", base_metrics, base_name, version, base_acc)
 
     summary = {"base": {"test_accuracy": base_acc}}
     pair = None
@@ -166,7 +176,7 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
         t1 = time.time()
         pair = adversarial_set(base, data.train.images, data.train.labels, pgd, cache_dir=cache_dir / "adversarial",
                                batch_size=cfg.eval_batch_size, device=dev, progress=progress)
-        adv_acc = accuracy(base, pair, data.train.labels, dev, cfg.eval_batch_size)
+        adv_acc = accuracy(base, pair, data.train.labels, dev, cfg.eval_batch_size, sharded=True)
         summary["pgd"] = {"base_accuracy_on_adversarial_train": adv_acc, "seconds": round(time.time() - t1, 2),
                           "max_linf": float((pair.float() - data.train.images.float() / 255).abs().max())}
 
@@ -177,6 +187,8 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
         model, metrics = train_stage(cfg.teacher, cfg, data, out, dev, epochs=cfg.epochs, top_k=top_k,
                                      base=base if recipe.needs_base else None, pair=pair, resume=resume,
                                      overwrite=overwrite, progress=progress, on_epoch_end=hook(cfg.teacher))
+    if not main:
+        return {}  # rank 0 exports and reports
     card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
     summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
                     "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
@@ -216,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name in the card (default: the --out folder's name)")
     p.add_argument("--version", default="1", help="model version in the card (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes torchrun starts (one per GPU, or gloo on CPU)")
     defaults = Config()
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -231,10 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(Config)}
+    device = args.device
     try:
         cfg = make_config(args.preset, **overrides)
-        summary = run(cfg, args.out, device=args.device, cache_dir=args.cache_dir, resume=args.resume,
+        if args.distributed:
+            device = str(distributed.setup(args.device))
+        summary = run(cfg, args.out, device=device, cache_dir=args.cache_dir, resume=args.resume,
                       overwrite=args.overwrite, name=args.name, version=args.version, progress=not args.no_progress)
+        distributed.barrier()  # the other ranks wait for rank 0's export before the group goes away
+        if distributed.is_main():
+            print(json.dumps(summary, indent=2))
     except (DataError, RunError, ExportError, ValueError) as e:
         print(f"astguard-train: error: {e}", file=sys.stderr)
         return 2
@@ -242,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"astguard-train: interrupted; continue with the same command and --resume (checkpoints in "
               f"{args.out})", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=2))
+    finally:
+        distributed.teardown()
     return 0
 
 
