@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -348,80 +349,125 @@ class Evaluation:
         return Split(held.images[idx], held.labels[idx])
 
     # -- one seed, every table cell
-    def seed_results(self, seed: int) -> dict:
-        args = self.args
+    def groups(self) -> list[tuple[str, str, Row | None]]:
+        """The student groups of one seed, (name, protocol, teacher row); each trains in lockstep and depends only
+        on finished teachers. A network's paper-protocol students (e.g. base and st's) form one group."""
+        out = [("alone", "alone", None)]
+        if "paper" in self.args.protocols:
+            firsts = {}
+            for r in self.rows:  # the endpoint has no logits: no paper protocol for it
+                if r.network != ENDPOINT:
+                    firsts.setdefault((r.network, r.overrides), r)
+            out += [(f"paper {r.name}", "paper", r) for r in firsts.values()]
+        if "query" in self.args.protocols:
+            out += [(f"query {r.name}", "query", r) for r in self.rows]
+        return out
+
+    def served_endpoint(self, seed: int, test: Split) -> dict:
+        return endpoint_answers(self.args.url, self.args.api_key, {"queries": self.query_set(seed).images,
+                                                                   "test": test.images},
+                                len(self.full.classes), self.work / "endpoint")
+
+    def seed_results(self, seed: int, only: str | None = None) -> dict:
+        """Every table cell of student seed `seed`. `only` names one of groups() (an --jobs worker): that group's
+        students are trained, with the teachers they need, and nothing else is computed."""
         student_seed, seed = seed, self.teacher_seed(seed)  # below, `seed` is the teachers' and the data's
         data = load_data(replace(self.cfg, seed=seed), self.cache)
-        test = data.test
         networks: dict[tuple, dict] = {}
-        for row in self.rows:
+
+        def net(row: Row) -> dict:  # trained, or read back, on first use
             key = (row.network, row.overrides)
-            if key not in networks and row.network != ENDPOINT:
+            if key not in networks:
                 networks[key] = self.network(self.teacher_cfg(row, seed), data)
-        if args.url:
-            served = endpoint_answers(args.url, args.api_key, {"queries": self.query_set(seed).images,
-                                                                "test": test.images}, data.num_classes,
-                                      self.work / "endpoint")
+            return networks[key]
+
+        served = self.served_endpoint(seed, data.test) if self.args.url else None
         res = {"teachers": {}, "statistics": {}, "students": {p: {} for p in PROTOCOLS}, "histograms": {}}
+        if only is None:
+            self.teacher_cells(res, data.test, net, served)
+        for name, protocol, row in self.groups():
+            if only is None or name == only:
+                self.train_group(res, protocol, row, student_seed, seed, data, net, served)
+        if only is None and student_seed == self.args.seeds[0]:
+            res["examples"] = self.examples(networks, data)
+        return res
+
+    def teacher_cells(self, res: dict, test: Split, net, served: dict | None) -> None:
         for row in self.rows:
             if row.network == ENDPOINT:  # probabilities only: softmax(log p / T) is the teacher at T
                 top1, probs = served["test"].argmax(1), student_targets(served["test"], "logit", self.kd_t)
             else:
-                logits = predict_logits(networks[(row.network, row.overrides)]["model"], test.images, self.device,
-                                        self.cfg.eval_batch_size)
+                logits = predict_logits(net(row)["model"], test.images, self.device, self.cfg.eval_batch_size)
                 shown = sparse_topk_logits(logits, row.top_k) if row.top_k else logits
                 top1, probs = logits.argmax(1), torch.softmax(shown / self.kd_t, dim=1)
             res["teachers"][row.name] = float((top1 == test.labels).float().mean())
             res["statistics"][row.name] = answer_statistics(probs, test.labels)
             res["histograms"][row.name] = entropy_histogram(probs)
 
-        # Students trained alone: the reference each student's change is measured from.
-        alone = [(arch, arch, TEACHERS["base"], self.student_settings(arch, student_seed, "alone", {}))
-                 for arch in args.students]
-        res["students"]["alone"] = {k: v["test_accuracy"] for k, v in
-                                    self.train_students(alone, data.train, test, student_seed, data, kind="paper_students")
-                                    .items()}
-        if "paper" in args.protocols:
-            for key, net in networks.items():  # the endpoint has no logits: no paper protocol for it
-                rows = [r for r in self.rows if (r.network, r.overrides) == key]
-                jobs = []
-                for r in rows:
-                    source = {"teacher": net["key"], "top_k": r.top_k, "kd_temperature": self.kd_t,
+    def train_group(self, res: dict, protocol: str, row: Row | None, student_seed: int, seed: int, data: Dataset,
+                    net, served: dict | None) -> None:
+        args, test = self.args, data.test
+        if protocol == "alone":  # students trained alone: the reference each student's change is measured from
+            alone = [(arch, arch, TEACHERS["base"], self.student_settings(arch, student_seed, "alone", {}))
+                     for arch in args.students]
+            done = self.train_students(alone, data.train, test, student_seed, data, kind="paper_students")
+            res["students"]["alone"] = {k: v["test_accuracy"] for k, v in done.items()}
+        elif protocol == "paper":
+            teacher = net(row)
+            jobs = []
+            for r in self.rows:
+                if (r.network, r.overrides) == (row.network, row.overrides):
+                    source = {"teacher": teacher["key"], "top_k": r.top_k, "kd_temperature": self.kd_t,
                               "kd_alpha": self.kd_alpha}
                     for arch in args.students:
                         jobs.append(((r.name, arch), arch, kd_recipe(self.kd_t, self.kd_alpha, r.top_k),
                                      self.student_settings(arch, student_seed, "paper", source)))
-                teacher = net["model"]
 
-                @torch.no_grad()
-                def prepare(batch, teacher=teacher):
-                    return batch._replace(target=teacher(batch.x).float())
+            @torch.no_grad()
+            def prepare(batch, model=teacher["model"]):
+                return batch._replace(target=model(batch.x).float())
 
-                done = self.train_students(jobs, data.train, test, student_seed, data, prepare=prepare,
-                                           kind="paper_students")
-                for (name, arch), m in done.items():
-                    res["students"]["paper"].setdefault(name, {})[arch] = m["test_accuracy"]
-        if "query" in args.protocols:
+            done = self.train_students(jobs, data.train, test, student_seed, data, prepare=prepare,
+                                       kind="paper_students")
+            for (name, arch), m in done.items():
+                res["students"]["paper"].setdefault(name, {})[arch] = m["test_accuracy"]
+        else:
             queries = self.query_set(seed)
             recipe = student_recipe(args.label_mode, self.kd_t, 1.0, use_labels=False)
-            for row in self.rows:
-                if row.network == ENDPOINT:
-                    probs, sha = served["queries"], served["card"]["sha256"]
-                else:
-                    net = networks[(row.network, row.overrides)]
-                    probs, sha = self.served_answers(net["onnx"], queries.images, row.top_k), net["key"]
-                source = {"teacher": sha, "top_k": row.top_k, "label_mode": args.label_mode,
-                          "kd_temperature": self.kd_t, "queries": len(queries.labels)}
-                jobs = [(arch, arch, recipe, self.student_settings(arch, student_seed, "query", source))
-                        for arch in args.students]
-                targets = student_targets(probs.float(), args.label_mode, self.kd_t)
-                # No labels: the teacher's top-1 stands in for them in the logged train accuracy.
-                done = self.train_students(jobs, Split(queries.images, probs.argmax(1)), test, student_seed, data,
-                                           target=targets, kind="query_students")
-                res["students"]["query"][row.name] = {k: v["test_accuracy"] for k, v in done.items()}
-        if student_seed == args.seeds[0]:
-            res["examples"] = self.examples(networks, data)
-        return res
+            if row.network == ENDPOINT:
+                probs, sha = served["queries"], served["card"]["sha256"]
+            else:
+                teacher = net(row)
+                probs, sha = self.served_answers(teacher["onnx"], queries.images, row.top_k), teacher["key"]
+            source = {"teacher": sha, "top_k": row.top_k, "label_mode": args.label_mode,
+                      "kd_temperature": self.kd_t, "queries": len(queries.labels)}
+            jobs = [(arch, arch, recipe, self.student_settings(arch, student_seed, "query", source))
+                    for arch in args.students]
+            targets = student_targets(probs.float(), args.label_mode, self.kd_t)
+            # No labels: the teacher's top-1 stands in for them in the logged train accuracy.
+            done = self.train_students(jobs, Split(queries.images, probs.argmax(1)), test, student_seed, data,
+                                       target=targets, kind="query_students")
+            res["students"]["query"][row.name] = {k: v["test_accuracy"] for k, v in done.items()}
+
+    def train_network(self, seed: int, row: Row) -> None:
+        """One teacher network of teacher seed `seed`, trained (an --jobs worker's job)."""
+        self.network(self.teacher_cfg(row, seed), load_data(replace(self.cfg, seed=seed), self.cache))
+
+    def waves(self) -> list[list[tuple[int, str]]]:
+        """--jobs: the evaluation as independent jobs (seed, name), in waves that need only earlier waves: the
+        base networks, the other teacher networks (which share their base), then every seed's student groups."""
+        seeds = list(dict.fromkeys(self.teacher_seed(s) for s in self.args.seeds))
+        networks = {(r.network, r.overrides): r for r in self.rows if r.network not in (ENDPOINT, "base")}
+        return [[(s, "network base") for s in seeds],
+                [(s, f"network {r.name}") for s in seeds for r in networks.values()],
+                [(s, name) for s in self.args.seeds for name, _, _ in self.groups()]]
+
+    def run_job(self, seed: int, name: str) -> None:
+        kind, _, which = name.partition(" ")
+        if kind == "network":
+            self.train_network(seed, next((r for r in self.rows if r.name == which), Row("base", "base")))
+        else:
+            self.seed_results(seed, only=name)
 
     def examples(self, networks: dict, data: Dataset, n: int = 4) -> dict:
         """The paper's Fig. 2: answers at temperature T to a few test images (one per class), base also on its
@@ -493,9 +539,84 @@ def redact(argv: list[str]) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- --jobs: independent jobs in worker processes
+
+_WORKER: Evaluation | None = None
+
+
+def _start_worker(args: argparse.Namespace, devices: list[str], threads: int, counter) -> None:
+    global _WORKER
+    with counter.get_lock():  # worker i takes device i (round robin): one GPU each while there are enough
+        i, counter.value = counter.value, counter.value + 1
+    # Each worker's own output goes to its log; what the parent shows is one line per finished job.
+    log = args.work_dir / "logs" / f"worker-{i}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    torch.set_num_threads(threads)
+    _WORKER = Evaluation(argparse.Namespace(**{**vars(args), "device": devices[i % len(devices)],
+                                               "progress": False}))
+
+
+def _run_job(seed: int, name: str) -> tuple[dict, dict]:
+    ev = _WORKER
+    ev.trained, ev.seconds = {k: 0 for k in ev.trained}, {k: 0.0 for k in ev.seconds}
+    ev.run_job(seed, name)
+    return ev.trained, ev.seconds
+
+
+def worker_devices(device: torch.device, requested: str) -> list[str]:
+    """Where --jobs workers run: every visible GPU when the device is CUDA and not one named GPU, else `device`."""
+    if device.type == "cuda" and requested in ("auto", "cuda"):
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [str(device)]
+
+
+def fan_out(ev: Evaluation, jobs: int) -> None:
+    """Run the evaluation's independent jobs (Evaluation.waves) in `jobs` processes; their results land in the
+    work directory's caches, where the sequential pass that follows reads them back."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked; spawn is the same on every platform
+    devices = worker_devices(ev.device, ev.args.device)
+    threads = max(1, torch.get_num_threads() // jobs) if ev.device.type == "cpu" else torch.get_num_threads()
+    waves = ev.waves()
+    total, done = sum(len(w) for w in waves), 0
+    print(f"evaluate: {total} jobs in {jobs} processes on {', '.join(devices)}"
+          + (f", {threads} threads each" if ev.device.type == "cpu" else "")
+          + f"; their logs in {ev.work / 'logs'}", file=sys.stderr)
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start_worker,
+                             initargs=(ev.args, devices, threads, ctx.Value("i", 0))) as pool:
+        for wave in waves:
+            futures = {pool.submit(_run_job, seed, name): (seed, name) for seed, name in wave}
+            try:
+                for f in as_completed(futures):
+                    trained, seconds = f.result()
+                    done += 1
+                    for k, v in trained.items():
+                        ev.trained[k] += v
+                    for k, v in seconds.items():
+                        ev.seconds[k] += v
+                    seed, name = futures[f]
+                    print(f"evaluate: [{done}/{total}] seed {seed} {name} done", file=sys.stderr)
+            except BrokenProcessPool:
+                raise RunError("an evaluation worker process died (out of memory?); run again to continue from "
+                               "what finished, or with fewer --jobs") from None
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     t0 = time.time()
     ev = Evaluation(args)
+    if args.url:  # answers are paid for: fetched here once, before workers could ask for them twice
+        for seed in dict.fromkeys(ev.teacher_seed(s) for s in args.seeds):
+            ev.served_endpoint(seed, load_data(replace(ev.cfg, seed=seed), ev.cache).test)
+    if args.jobs > 1:
+        fan_out(ev, args.jobs)
     per_seed = []
     for seed in args.seeds:
         print(f"evaluate: seed {seed}", file=sys.stderr)
@@ -515,7 +636,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "histograms": per_seed[0]["histograms"],
         "examples": per_seed[0].get("examples"),
         "per_seed": [{k: v for k, v in r.items() if k not in ("histograms", "examples")} for r in per_seed],
-        "run": {"wall_seconds": round(time.time() - t0, 1), "trained": ev.trained,
+        "run": {"wall_seconds": round(time.time() - t0, 1), "jobs": args.jobs, "trained": ev.trained,
                 "seconds": {k: round(v, 1) for k, v in ev.seconds.items()}},
     }
     out: Path = args.out
@@ -596,6 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", type=Path, required=True, help="results folder: results.json, results.md, figures")
     a("--work-dir", type=Path, help="models and caches (default: runs/evaluate)")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--jobs", type=int, default=1, help="run independent teachers and student groups in this many processes, "
+                                           "over every GPU (or sharing the CPU cores) (default: 1)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -617,6 +740,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     swept = [name for name, _ in args.sweep]
     if len(set(swept)) != len(swept):
         raise ValueError("--sweep names a field twice; give all its values in one --sweep")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     if not 0 <= args.kd_alpha <= 1:
         raise ValueError(f"--kd-alpha must be in [0, 1], got {args.kd_alpha}")
     return args

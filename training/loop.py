@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from tqdm import tqdm
 from training import distributed
 from training.config import Config, lr_at
 from training.data import Batch, DeviceLoader, Split, iterate_in_order
+from training.files import save_atomic
 from training.teachers import Context, Recipe
 
 
@@ -52,12 +52,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -202,7 +196,7 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
                 continue
             with (m.out_dir / "log.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            _save_atomic({"epoch": epoch + 1, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
+            save_atomic({"epoch": epoch + 1, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
                           "history": m.history, "meta": m.meta, "recipe": m.recipe.name}, m.out_dir / "checkpoint.pt")
             if progress:
                 tqdm.write(f"{m.recipe.name} epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} "

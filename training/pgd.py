@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.data import to_float
+from training.files import exclusive, save_atomic
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,20 @@ def adversarial_set(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     key.update(hashlib.sha256(images.numpy().tobytes()).digest())
     key.update(hashlib.sha256(labels.numpy().tobytes()).digest())
     path = Path(cache_dir) / f"adv-{key.hexdigest()[:20]}.pt" if cache_dir else None
-    if path is not None and path.exists():
-        return torch.load(path)
+    # One process makes a set; another that needs it meanwhile waits, then reads it. (Within one torchrun job the
+    # ranks make it together instead: a lock held by rank 0 alone would keep the others waiting in a collective.)
+    lock = exclusive(path.with_suffix(".lock")) if path is not None and not distributed.active() else nullcontext()
+    with lock:
+        if path is not None and path.exists():
+            return torch.load(path)
+        adv = _attack_all(model, images, labels, cfg, batch_size, device, progress)
+        if path is not None and distributed.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_atomic(adv, path)
+    return adv
+
+
+def _attack_all(model, images, labels, cfg: PGDConfig, batch_size: int, device, progress: bool) -> torch.Tensor:
     model.eval()
     g = torch.Generator().manual_seed(cfg.seed)
     starts = range(0, len(images), batch_size)
@@ -87,10 +100,4 @@ def adversarial_set(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         out.append(pgd_linf(model, x, y, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
                             random_start=cfg.random_start, generator=g).half())
     adv = torch.cat(out) if out else torch.zeros((0, *images.shape[1:]), dtype=torch.float16, device=device)
-    adv = distributed.cat_ranks(adv).cpu()
-    if path is not None and distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(adv, tmp)
-        os.replace(tmp, path)
-    return adv
+    return distributed.cat_ranks(adv).cpu()

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from training import distributed  # noqa: E402
 from training.config import PRESETS, Config, make_config, validate  # noqa: E402
 from training.data import DataError, Dataset, load_dataset  # noqa: E402
 from training.export import ExportError, export_verified, sha256_file  # noqa: E402
+from training.files import exclusive  # noqa: E402
 from training.loop import RunError, accuracy, fit, resolve_device  # noqa: E402
 from training.losses import DIVERGENCES, top_k_from_ratio  # noqa: E402
 from training.models import create_model, list_models  # noqa: E402
@@ -45,6 +47,12 @@ def stage_settings(cfg: Config, teacher: str, epochs: int, top_k: int) -> dict:
     if TEACHERS[teacher].needs_base:  # trained against the base model: depends on how long that trained
         settings["base_epochs"] = cfg.base_epochs or cfg.epochs
     return settings
+
+
+def stage_lock(directory: Path):
+    """Runs that share a stage's directory (evaluate --jobs: teachers sharing one base) take turns: the next one
+    finds the stage finished and reuses it. The ranks of one torchrun job need no lock: they move together."""
+    return exclusive(directory / ".lock") if not distributed.active() else nullcontext()
 
 
 def load_data(cfg: Config, cache_dir: Path) -> Dataset:
@@ -160,14 +168,15 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
 
     base_epochs = cfg.base_epochs or cfg.epochs
     base_dir = base_dir or out / "base"
-    base, base_metrics = train_stage("base", cfg, data, base_dir, dev, epochs=base_epochs, top_k=top_k,
-                                     resume=resume, overwrite=overwrite, progress=progress,
-                                     on_epoch_end=hook("base"))
-    base_acc = base_metrics["test_accuracy"]
     # A shared base (several teachers' base_dir) keeps one name, so it is exported once.
     base_name = f"{name}-base" if base_dir == out / "base" else base_dir.resolve().name
-    if main:  # the other ranks go on to PGD, and wait there for rank 0
-        export_stage(base, base_dir, data, cfg, "base", base_metrics, base_name, version, base_acc)
+    with stage_lock(base_dir):
+        base, base_metrics = train_stage("base", cfg, data, base_dir, dev, epochs=base_epochs, top_k=top_k,
+                                         resume=resume, overwrite=overwrite, progress=progress,
+                                         on_epoch_end=hook("base"))
+        base_acc = base_metrics["test_accuracy"]
+        if main:  # the other ranks go on to PGD, and wait there for rank 0
+            export_stage(base, base_dir, data, cfg, "base", base_metrics, base_name, version, base_acc)
 
     summary = {"base": {"test_accuracy": base_acc}}
     pair = None
@@ -180,22 +189,23 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
         summary["pgd"] = {"base_accuracy_on_adversarial_train": adv_acc, "seconds": round(time.time() - t1, 2),
                           "max_linf": float((pair.float() - data.train.images.float() / 255).abs().max())}
 
-    if cfg.teacher == "base":
-        model, metrics, checkpoint = base, base_metrics, base_dir / "checkpoint.pt"
-    else:
-        checkpoint = out / "checkpoint.pt"
-        model, metrics = train_stage(cfg.teacher, cfg, data, out, dev, epochs=cfg.epochs, top_k=top_k,
-                                     base=base if recipe.needs_base else None, pair=pair, resume=resume,
-                                     overwrite=overwrite, progress=progress, on_epoch_end=hook(cfg.teacher))
-    if not main:
-        return {}  # rank 0 exports and reports
-    card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
-    summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
-                    "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
-                    "onnx": str(out / "model.onnx"), "sha256": card["sha256"], "checkpoint": str(checkpoint),
-                    "verification": card["verification"], "wall_seconds": round(time.time() - t0, 2)})
-    metrics.update(summary)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with stage_lock(out):
+        if cfg.teacher == "base":
+            model, metrics, checkpoint = base, base_metrics, base_dir / "checkpoint.pt"
+        else:
+            checkpoint = out / "checkpoint.pt"
+            model, metrics = train_stage(cfg.teacher, cfg, data, out, dev, epochs=cfg.epochs, top_k=top_k,
+                                         base=base if recipe.needs_base else None, pair=pair, resume=resume,
+                                         overwrite=overwrite, progress=progress, on_epoch_end=hook(cfg.teacher))
+        if not main:
+            return {}  # rank 0 exports and reports
+        card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
+        summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
+                        "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
+                        "onnx": str(out / "model.onnx"), "sha256": card["sha256"], "checkpoint": str(checkpoint),
+                        "verification": card["verification"], "wall_seconds": round(time.time() - t0, 2)})
+        metrics.update(summary)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return summary
 
 

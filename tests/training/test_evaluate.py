@@ -97,6 +97,7 @@ def test_a_live_endpoint_is_evaluated_with_the_query_protocol(smoke, digits_run)
     (["--seeds", "0,0"], "--seeds repeats a seed"),
     (["--sweep", "alpha=0.1", "--sweep", "alpha=0.2"], "names a field twice"),
     (["--kd-temperature", "0"], "--kd-temperature must be positive"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     code = main(["--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), *args])
@@ -125,3 +126,22 @@ def test_teachers_trained_once_serve_every_student_seed(tmp_path):
     assert r["teachers"]["base"]["accuracy"]["std"] == 0.0  # one teacher ...
     assert len(set(r["students"]["paper"]["base"]["cnn5"]["accuracy"]["values"])) == 2  # ... two student seeds
     assert r["run"]["trained"]["teacher_epochs"] == 4  # the base, once
+
+
+def test_jobs_fan_teachers_and_student_groups_out_to_processes_and_train_each_exactly_once(tmp_path):
+    argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base,ast,st", "--seeds", "2", "--teacher-seed",
+            "0", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--no-progress", "--device", "cpu"]
+    assert main([*argv, "--jobs", "2"]) == 0
+    r = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert r["run"]["jobs"] == 2
+    # base and ast once (4 epochs each); per seed 7 student groups' worth of cnn5 (alone, paper x3, query x3),
+    # 2 epochs each: nothing trained twice by two workers, nothing left for the sequential pass.
+    assert r["run"]["trained"] == {"teacher_epochs": 8, "student_epochs": 2 * 7 * 2}
+    for protocol in ("paper", "query"):
+        for name in ("base", "ast", "st"):
+            assert len(r["students"][protocol][name]["cnn5"]["accuracy"]["values"]) == 2
+    assert len(list((tmp_path / "w" / "logs").glob("worker-*.log"))) == 2
+    assert main(argv) == 0  # the same evaluation in one process finds every job done
+    again = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert again["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 0}
+    assert again["teachers"] == r["teachers"] and again["students"] == r["students"]

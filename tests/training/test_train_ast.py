@@ -146,3 +146,15 @@ def test_the_script_runs_as_documented_and_reports_argument_errors_without_a_tra
                                   "--pgd-steps", "1", "--no-progress"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["teacher"] == "ast" and (tmp_path / "run" / "model.onnx").exists()
+
+
+def test_two_runs_racing_for_one_run_directory_train_it_once(tmp_path):
+    # The stage lock (evaluate --jobs relies on it): the second run waits, then reuses what the first trained.
+    cmd = [sys.executable, str(REPO / "training" / "train_ast.py"), "--dataset", "digits", "--teacher", "base",
+           "--epochs", "2", "--limit-train", "300", "--no-progress", "--out", str(tmp_path / "run")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sum("reusing the finished run" in err for _, err in outputs) == 1
+    assert len((tmp_path / "run" / "base" / "log.jsonl").read_text().splitlines()) == 2
+    assert json.loads(outputs[0][0])["sha256"] == json.loads(outputs[1][0])["sha256"]
