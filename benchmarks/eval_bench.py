@@ -1,15 +1,17 @@
 """Evaluation throughput: K students sharing one teacher forward (training.loop.fit_group) versus K separate
-runs that each compute the teacher's answers themselves; and, on a GPU, teacher training images/s with bf16
-autocast and channels_last versus fp32.
+runs that each compute the teacher's answers themselves; a whole evaluation with `--jobs N` versus one
+process; and, on a GPU, teacher training images/s with bf16 autocast and channels_last versus fp32.
 
     python benchmarks/eval_bench.py                  # CPU-sized: ResNet-20 teacher, 4 cnn5 students
     python benchmarks/eval_bench.py --students 8 --images 8192 --device cuda
+    python benchmarks/eval_bench.py --skip-sharing --jobs 2   # only the --jobs comparison
 
 Prints ratios; nothing here is a pass/fail test.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,6 +94,30 @@ def sharing(args, device) -> None:
           f"rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
+def jobs(args, device) -> None:
+    """The digits evaluation (5 teachers, 2 student seeds sharing them) in one process, then in --jobs N, each
+    from an empty work directory, as a user would run it."""
+    def timed(n: int) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "training.evaluate", "--dataset", "digits", "--scale", "smoke", "--seeds",
+                   "2", "--teacher-seed", "0", "--set", "epochs=8", "--student-epochs", "4", "--no-progress",
+                   "--device", str(device), "--jobs", str(n), "--out", f"{tmp}/r", "--work-dir", f"{tmp}/w"]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+            return time.perf_counter() - t0
+
+    rounds = {1: [], args.jobs: []}
+    for r in range(args.rounds):
+        for n in ([1, args.jobs] if r % 2 == 0 else [args.jobs, 1]):
+            rounds[n].append(timed(n))
+    one, many = (sorted(v)[len(v) // 2] for v in rounds.values())
+    ratios = [a / b for a, b in zip(rounds[1], rounds[args.jobs])]
+    print(f"digits evaluation (smoke scale, 8 teacher epochs, 2 seeds) on {device}, {torch.get_num_threads()} "
+          f"threads:")
+    print(f"  --jobs 1: {one:6.1f} s   --jobs {args.jobs}: {many:6.1f} s   ratio {one / many:.2f}x "
+          f"(median of {args.rounds} rounds; rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
+
+
 def precision(args, device) -> None:
     if device.type != "cuda":
         print("bf16 autocast / channels_last: skipped (needs a CUDA device; run with --device cuda)")
@@ -136,10 +162,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-sharing", action="store_true")
+    p.add_argument("--jobs", type=int, default=0, help="also time a whole evaluation with --jobs N against 1")
     args = p.parse_args()
     device = resolve_device(args.device)
     if not args.skip_sharing:
         sharing(args, device)
+    if args.jobs > 1:
+        jobs(args, device)
     precision(args, device)
 
 

@@ -225,6 +225,8 @@ class Evaluation:
             if arch not in list_models():
                 raise ValueError(f"unknown student {arch!r}; known: {', '.join(list_models())}")
         self._queries: dict[int, Split] = {}
+        self._data: dict[int, Dataset] = {}
+        self._networks: dict[int, dict[tuple, dict]] = {}  # teacher seed -> (network, overrides) -> network()
         if "query" in args.protocols:
             self.query_set(args.seeds[0])  # fails now, not after the teachers, when there is no held-out data
         elif args.url:
@@ -372,8 +374,8 @@ class Evaluation:
         """Every table cell of student seed `seed`. `only` names one of groups() (an --jobs worker): that group's
         students are trained, with the teachers they need, and nothing else is computed."""
         student_seed, seed = seed, self.teacher_seed(seed)  # below, `seed` is the teachers' and the data's
-        data = load_data(replace(self.cfg, seed=seed), self.cache)
-        networks: dict[tuple, dict] = {}
+        data = self.data(seed)
+        networks = self._networks.setdefault(seed, {})  # kept: a worker's next job may need them again
 
         def net(row: Row) -> dict:  # trained, or read back, on first use
             key = (row.network, row.overrides)
@@ -449,9 +451,16 @@ class Evaluation:
                                        target=targets, kind="query_students")
             res["students"]["query"][row.name] = {k: v["test_accuracy"] for k, v in done.items()}
 
+    def data(self, seed: int) -> Dataset:
+        """The data set as the teachers of `seed` see it (their training subset)."""
+        if seed not in self._data:
+            self._data[seed] = load_data(replace(self.cfg, seed=seed), self.cache)
+        return self._data[seed]
+
     def train_network(self, seed: int, row: Row) -> None:
         """One teacher network of teacher seed `seed`, trained (an --jobs worker's job)."""
-        self.network(self.teacher_cfg(row, seed), load_data(replace(self.cfg, seed=seed), self.cache))
+        key = (row.network, row.overrides)
+        self._networks.setdefault(seed, {})[key] = self.network(self.teacher_cfg(row, seed), self.data(seed))
 
     def waves(self) -> list[list[tuple[int, str]]]:
         """--jobs: the evaluation as independent jobs (seed, name), in waves that need only earlier waves: the
@@ -614,7 +623,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     ev = Evaluation(args)
     if args.url:  # answers are paid for: fetched here once, before workers could ask for them twice
         for seed in dict.fromkeys(ev.teacher_seed(s) for s in args.seeds):
-            ev.served_endpoint(seed, load_data(replace(ev.cfg, seed=seed), ev.cache).test)
+            ev.served_endpoint(seed, ev.data(seed).test)
     if args.jobs > 1:
         fan_out(ev, args.jobs)
     per_seed = []
