@@ -30,6 +30,7 @@ from clients.client import (AstguardError, AsyncAstguardClient, BudgetExhausted,
 from training.config import make_config  # noqa: E402
 from training.data import DataError, Split, batch_crop_flip, channel_stats, load_split, parse_spec  # noqa: E402
 from training.distill import LABEL_MODES, train_student  # noqa: E402
+from training.files import savez_atomic  # noqa: E402
 from training.loop import predict_logits, resolve_device  # noqa: E402
 from training.models import create_model, list_models  # noqa: E402
 
@@ -94,11 +95,9 @@ class Transfer:
         return ~np.isnan(self.probs).any(1)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=self.images.numpy(), probs=self.probs,
-                 labels=self.labels.numpy() if self.labels is not None else np.zeros(0, np.int64),
-                 meta=np.asarray(json.dumps(self.meta)))
-        tmp.replace(path)
+        savez_atomic(path, images=self.images.numpy(), probs=self.probs,
+                     labels=self.labels.numpy() if self.labels is not None else np.zeros(0, np.int64),
+                     meta=np.asarray(json.dumps(self.meta)))
 
     @classmethod
     def load(cls, path: Path) -> "Transfer":
@@ -181,7 +180,7 @@ async def victim_answers_on(client: AsyncAstguardClient, images: torch.Tensor, c
             await query_victim(client, images, probs, images_per_request=images_per_request,
                                concurrency=concurrency, progress=progress)
     finally:  # answers are kept whatever happened: they were paid for
-        np.savez(cache, probs=probs, sha256=np.asarray(sha), spec=np.asarray(spec))
+        savez_atomic(cache, probs=probs, sha256=np.asarray(sha), spec=np.asarray(spec))
     return None if np.isnan(probs).any() else probs
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from training.distributed import share
+from training.files import savez_atomic
 
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -292,10 +293,8 @@ def load_dataset(name: str, data_root: str | Path = "data", cache_dir: str | Pat
         arrays = source(data_root if name in _SOURCES else Path(name))
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, train_x=arrays[0], train_y=arrays[1], test_x=arrays[2], test_y=arrays[3],
-                     classes=np.asarray(arrays[4]))
-            os.replace(tmp, cache)
+            savez_atomic(cache, train_x=arrays[0], train_y=arrays[1], test_x=arrays[2], test_y=arrays[3],
+                         classes=np.asarray(arrays[4]))
     train_x, train_y, test_x, test_y, classes = arrays
     x = torch.from_numpy(train_x)
     mean, std = channel_stats(x)

@@ -6,6 +6,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 try:
@@ -14,11 +15,27 @@ except ImportError:  # not POSIX: no locks, so run one job at a time there
     fcntl = None
 
 
+def write_atomic(path: Path, write) -> None:
+    """`write(tmp)` then rename onto `path`, so readers never see a half-written file. The temporary name is
+    this process's own (two processes making the same file do not share it) and keeps `path`'s suffix, since
+    np.savez adds '.npz' to a name without it."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_atomic(obj, path: Path) -> None:
-    """torch.save that readers never see half-written; the temporary name is the writer's own."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, atomically."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def savez_atomic(path: Path, **arrays) -> None:
+    """np.savez, atomically."""
+    write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 @contextmanager
