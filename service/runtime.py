@@ -60,11 +60,14 @@ def installed_runtimes() -> list[str]:
     return found
 
 
-def choose_providers(device: str, available: list[str]) -> list[str]:
-    """CUDA first when asked for (or on auto, when present), always with the CPU as the fallback."""
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
+def choose_providers(device: str, available: list[str]) -> list:
+    """CUDA first when asked for (or on auto, when present), always with the CPU as the fallback. `cuda:N` names
+    the GPU (the evaluation's --jobs workers each use their own)."""
+    kind, _, index = device.partition(":")
+    if kind in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        cuda = ("CUDAExecutionProvider", {"device_id": int(index)}) if index else "CUDAExecutionProvider"
+        return [cuda, "CPUExecutionProvider"]
+    if kind == "cuda":
         raise StartupError("ASTGUARD_DEVICE=cuda but onnxruntime offers no CUDAExecutionProvider "
                            f"(available: {', '.join(available)}); install astguard[gpu] on a GPU host")
     return ["CPUExecutionProvider"]

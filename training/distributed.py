@@ -80,6 +80,31 @@ def main_first():
             barrier()
 
 
+class PeerFailed(RuntimeError):
+    """Rank 0 failed in a step it runs alone; the other ranks stop with this instead of waiting for it."""
+
+
+def main_only(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on rank 0 alone (writing files, exporting). Every rank then learns whether it worked,
+    so a failure there stops the others with PeerFailed instead of leaving them waiting in their next collective.
+    Returns fn's result on rank 0, None on the others."""
+    if not active():
+        return fn(*args, **kwargs)
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:  # re-raised below, once the others know
+            error = e
+    failure = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(failure, src=0)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise PeerFailed(f"rank 0 failed ({failure[0]}); rank {rank()} stops too")
+    return result
+
+
 def share(n: int, rank: int, world: int) -> slice:
     """Rank's contiguous rows of n: the first n % world ranks get one more, like torch.tensor_split."""
     size, extra = divmod(n, world)
@@ -92,26 +117,34 @@ def shard(n: int) -> slice:
     return share(n, rank(), world_size())
 
 
+def _wire_device(t: torch.Tensor) -> torch.device:
+    """Where a collective can take `t`: nccl moves CUDA tensors only, gloo (here) CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def sum_all(t: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of `t` over all ranks (a copy; `t` is left alone)."""
-    t = t.clone()
-    if active():
-        dist.all_reduce(t)
-    return t
+    """The element-wise sum of `t` over all ranks, on t's device (a copy; `t` is left alone)."""
+    if not active():
+        return t.clone()
+    wire = t.to(_wire_device(t), copy=True)
+    dist.all_reduce(wire)
+    return wire.to(t.device)
 
 
 def cat_ranks(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's `local` rows (their counts may differ), concatenated in rank order, on every rank."""
+    """Every rank's `local` rows (their counts may differ), concatenated in rank order, on every rank, on
+    local's device."""
     if not active():
         return local
-    counts = [torch.zeros((), dtype=torch.int64, device=local.device) for _ in range(world_size())]
-    dist.all_gather(counts, torch.tensor(len(local), device=local.device))
+    wire = _wire_device(local)
+    counts = [torch.zeros((), dtype=torch.int64, device=wire) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor(len(local), device=wire))
     longest = max(int(c) for c in counts)
-    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded = local.new_zeros((longest, *local.shape[1:]), device=wire)
     padded[:len(local)] = local
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)  # all_gather needs equal shapes: pad, then trim
-    return torch.cat([p[:int(c)] for p, c in zip(parts, counts)])
+    return torch.cat([p[:int(c)] for p, c in zip(parts, counts)]).to(local.device)
 
 
 class _AllReduceSum(torch.autograd.Function):

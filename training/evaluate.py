@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from training.config import PRESETS, Config, make_config, validate
 from training.data import DataError, Dataset, Split, balanced_subset, iterate_in_order, load_dataset
 from training.distill import LABEL_MODES, kd_recipe, student_recipe, student_targets
 from training.export import ExportError
+from training.files import exclusive, write_atomic
 from training.loop import Member, RunError, fit_group, predict_logits, resolve_device
 from training.losses import sparse_topk_logits, top_k_from_ratio
 from training.models import create_model, list_models
@@ -171,12 +173,12 @@ def endpoint_answers(url: str, api_key: str | None, sets: dict[str, torch.Tensor
                 path = cache / f"{name}-{card['sha256'][:12]}-{digest}.npy"
                 probs = np.load(path) if path.exists() else np.full((len(images), len(card["class_names"])),
                                                                     np.nan, np.float32)
-                try:
-                    if np.isnan(probs).any():
+                if np.isnan(probs).any():
+                    try:
                         await query_victim(client, images, probs, images_per_request=32, concurrency=4,
                                            progress=False)
-                finally:
-                    np.save(path, probs)
+                    finally:  # kept whatever happened: they were paid for
+                        write_atomic(path, lambda tmp: np.save(tmp, probs))
                 if np.isnan(probs).any():
                     raise RunError(f"--url stopped answering (budget spent?) after {int((~np.isnan(probs).any(1)).sum())}"
                                    f" of {len(images)} {name} images; the answers so far are kept in {path}")
@@ -291,28 +293,33 @@ class Evaluation:
                        data: Dataset, *, target: torch.Tensor | None = None, prepare=None,
                        kind: str) -> dict[str, dict]:
         """jobs: (key, arch, recipe, settings). Finished ones are read back; the rest train in one lockstep group."""
-        results, members = {}, []
-        for key, arch, recipe, settings in jobs:
-            out = self.work / "students" / f"{arch}-{settings_hash(settings)}"
-            done = self._student_done(out, settings)
-            if done is not None:
-                results[key] = done
-                continue
-            cfg = self.student_cfg(arch, seed)
-            torch.manual_seed(cfg.seed)
-            model = create_model(arch, data.num_classes, data.in_channels, data.image_size, data.mean,
-                                 data.std).to(self.device)
+        outs = [self.work / "students" / f"{arch}-{settings_hash(settings)}" for _, arch, _, settings in jobs]
+        with ExitStack() as locks:
+            # Two groups may hold the same student (a sweep value equal to the default): under --jobs they take
+            # turns, locking in path order so that neither waits for the other, and the second reads it back.
+            for out in sorted(set(outs)):
+                locks.enter_context(exclusive(out.with_name(out.name + ".lock")))
+            results, members = {}, []
+            for (key, arch, recipe, settings), out in zip(jobs, outs):
+                done = self._student_done(out, settings)
+                if done is not None:
+                    results[key] = done
+                    continue
+                cfg = self.student_cfg(arch, seed)
+                torch.manual_seed(cfg.seed)
+                model = create_model(arch, data.num_classes, data.in_channels, data.image_size, data.mean,
+                                     data.std).to(self.device)
 
-            def count(epoch, row):
-                self.trained["student_epochs"] += 1
-            members.append((key, Member(model, recipe, Context(cfg, 0), out, settings, count), settings))
-        if members:
-            t0 = time.time()
-            fit_group([m for _, m, _ in members], train, test, epochs=self.student_epochs, device=self.device,
-                      target=target, prepare=prepare, resume=True, progress=self.args.progress)
-            self.seconds[kind] += time.time() - t0
-            for key, member, settings in members:
-                results[key] = self._finish_student(member, settings)
+                def count(epoch, row):
+                    self.trained["student_epochs"] += 1
+                members.append((key, Member(model, recipe, Context(cfg, 0), out, settings, count), settings))
+            if members:
+                t0 = time.time()
+                fit_group([m for _, m, _ in members], train, test, epochs=self.student_epochs, device=self.device,
+                          target=target, prepare=prepare, resume=True, progress=self.args.progress)
+                self.seconds[kind] += time.time() - t0
+                for key, member, settings in members:
+                    results[key] = self._finish_student(member, settings)
         return results
 
     def student_settings(self, arch: str, seed: int, protocol: str, source: dict) -> dict:
@@ -330,7 +337,7 @@ class Evaluation:
         except ImportError as e:
             raise RunError(f"the query protocol needs onnxruntime ({e}); install the `serve` extra or run "
                            "--protocols paper") from None
-        model = OnnxModel(Path(onnx_path), device="cpu" if self.device.type == "cpu" else "auto",
+        model = OnnxModel(Path(onnx_path), device="cpu" if self.device.type == "cpu" else str(self.device),
                           intra_op_threads=torch.get_num_threads())
         defense, _ = make_defense("topk", k=top_k) if top_k else make_defense("none")
         out = [defense(model.predict(x.numpy())[0]) for x in iterate_in_order(images, 512)]
@@ -383,7 +390,9 @@ class Evaluation:
                 networks[key] = self.network(self.teacher_cfg(row, seed), data)
             return networks[key]
 
-        served = self.served_endpoint(seed, data.test) if self.args.url else None
+        # A worker's job asks the service (or reads the answers the parent bought) only if it needs them.
+        wanted = only is None or any(r.network == ENDPOINT and only == f"query {r.name}" for r in self.rows)
+        served = self.served_endpoint(seed, data.test) if self.args.url and wanted else None
         res = {"teachers": {}, "statistics": {}, "students": {p: {} for p in PROTOCOLS}, "histograms": {}}
         if only is None:
             self.teacher_cells(res, data.test, net, served)

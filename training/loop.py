@@ -28,12 +28,26 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device, batch_size: i
     return torch.cat([model(x.to(device)).float().cpu() for x in iterate_in_order(images, batch_size)])
 
 
+def _record(m: Member, epoch: int, epochs: int, row: dict, progress: bool) -> None:
+    """An epoch's log line, checkpoint and callback (rank 0's job in a distributed run)."""
+    with (m.out_dir / "log.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    save_atomic({"epoch": epoch + 1, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
+                 "history": m.history, "meta": m.meta, "recipe": m.recipe.name}, m.out_dir / "checkpoint.pt")
+    if progress:
+        tqdm.write(f"{m.recipe.name} epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} "
+                   f"test acc {row['test_accuracy']:.4f} ({row['seconds']:.1f}s)")
+    if m.on_epoch_end is not None:
+        m.on_epoch_end(epoch, row)
+
+
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int = 512, *,
              sharded: bool = False) -> float:
     """Top-1 accuracy. `sharded`: every process of a distributed run scores its share and the counts are summed
     (all of them must call it)."""
     rows = distributed.shard(len(labels)) if sharded else slice(None)
-    hits = (predict_logits(model, images[rows], device, batch_size).argmax(1) == labels[rows]).sum()
+    x, y = images[rows], labels[rows]  # a rank's share may be empty (fewer test images than ranks)
+    hits = (predict_logits(model, x, device, batch_size).argmax(1) == y).sum() if len(y) else torch.tensor(0)
     return distributed.sum_all(hits).item() / len(labels) if sharded else hits.item() / len(labels)
 
 
@@ -192,14 +206,4 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
                                              sharded=True),
                    "skipped_steps": m.skipped, "seconds": seconds}
             m.history.append(row)
-            if not main:
-                continue
-            with (m.out_dir / "log.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_atomic({"epoch": epoch + 1, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
-                          "history": m.history, "meta": m.meta, "recipe": m.recipe.name}, m.out_dir / "checkpoint.pt")
-            if progress:
-                tqdm.write(f"{m.recipe.name} epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} "
-                           f"test acc {row['test_accuracy']:.4f} ({row['seconds']:.1f}s)")
-            if m.on_epoch_end is not None:
-                m.on_epoch_end(epoch, row)
+            distributed.main_only(_record, m, epoch, epochs, row, progress)

@@ -76,13 +76,18 @@ def adversarial_set(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     # ranks make it together instead: a lock held by rank 0 alone would keep the others waiting in a collective.)
     lock = exclusive(path.with_suffix(".lock")) if path is not None and not distributed.active() else nullcontext()
     with lock:
-        if path is not None and path.exists():
+        # Every rank must agree, or those that read the cache leave the others alone in the attack's collectives.
+        if path is not None and distributed.sum_all(torch.tensor(int(path.exists()))) == distributed.world_size():
             return torch.load(path)
         adv = _attack_all(model, images, labels, cfg, batch_size, device, progress)
-        if path is not None and distributed.is_main():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_atomic(adv, path)
+        if path is not None:
+            distributed.main_only(_save, adv, path)
     return adv
+
+
+def _save(adv: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(adv, path)
 
 
 def _attack_all(model, images, labels, cfg: PGDConfig, batch_size: int, device, progress: bool) -> torch.Tensor:
@@ -98,6 +103,6 @@ def _attack_all(model, images, labels, cfg: PGDConfig, batch_size: int, device, 
             continue
         x, y = to_float(images[i:i + batch_size]).to(device), labels[i:i + batch_size].to(device)
         out.append(pgd_linf(model, x, y, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
-                            random_start=cfg.random_start, generator=g).half())
-    adv = torch.cat(out) if out else torch.zeros((0, *images.shape[1:]), dtype=torch.float16, device=device)
-    return distributed.cat_ranks(adv).cpu()
+                            random_start=cfg.random_start, generator=g).half().cpu())  # the set waits on the CPU
+    adv = torch.cat(out) if out else torch.zeros((0, *images.shape[1:]), dtype=torch.float16)
+    return distributed.cat_ranks(adv)

@@ -113,8 +113,7 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
                "skipped_steps": sum(r["skipped_steps"] for r in history),
                "train_seconds": round(sum(r["seconds"] for r in history), 2),
                "wall_seconds_this_run": round(time.time() - t0, 2), "settings": settings}
-    if distributed.is_main():
-        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    distributed.main_only(metrics_path.write_text, json.dumps(metrics, indent=2) + "\n")
     return model.eval(), metrics
 
 
@@ -175,8 +174,8 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
                                          resume=resume, overwrite=overwrite, progress=progress,
                                          on_epoch_end=hook("base"))
         base_acc = base_metrics["test_accuracy"]
-        if main:  # the other ranks go on to PGD, and wait there for rank 0
-            export_stage(base, base_dir, data, cfg, "base", base_metrics, base_name, version, base_acc)
+        distributed.main_only(export_stage, base, base_dir, data, cfg, "base", base_metrics, base_name, version,
+                              base_acc)
 
     summary = {"base": {"test_accuracy": base_acc}}
     pair = None
@@ -197,16 +196,18 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
             model, metrics = train_stage(cfg.teacher, cfg, data, out, dev, epochs=cfg.epochs, top_k=top_k,
                                          base=base if recipe.needs_base else None, pair=pair, resume=resume,
                                          overwrite=overwrite, progress=progress, on_epoch_end=hook(cfg.teacher))
-        if not main:
-            return {}  # rank 0 exports and reports
-        card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
-        summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
-                        "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
-                        "onnx": str(out / "model.onnx"), "sha256": card["sha256"], "checkpoint": str(checkpoint),
-                        "verification": card["verification"], "wall_seconds": round(time.time() - t0, 2)})
-        metrics.update(summary)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return summary
+
+        def finish() -> dict:  # rank 0 exports and reports
+            card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
+            summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
+                            "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
+                            "onnx": str(out / "model.onnx"), "sha256": card["sha256"],
+                            "checkpoint": str(checkpoint), "verification": card["verification"],
+                            "wall_seconds": round(time.time() - t0, 2)})
+            metrics.update(summary)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            return summary
+        return distributed.main_only(finish) or {}
 
 
 # ---------------------------------------------------------------- command line
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.barrier()  # the other ranks wait for rank 0's export before the group goes away
         if distributed.is_main():
             print(json.dumps(summary, indent=2))
-    except (DataError, RunError, ExportError, ValueError) as e:
+    except (DataError, RunError, ExportError, ValueError, distributed.PeerFailed) as e:
         print(f"astguard-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

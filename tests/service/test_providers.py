@@ -13,6 +13,7 @@ def test_cuda_comes_first_when_offered_with_the_cpu_as_fallback():
     assert choose_providers("cuda", both) == both
     assert choose_providers("cpu", both) == ["CPUExecutionProvider"]
     assert choose_providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert choose_providers("cuda:1", both) == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
 
 
 def test_asking_for_cuda_without_it_is_a_start_up_error(digits_run):

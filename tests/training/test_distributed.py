@@ -79,7 +79,7 @@ def test_rank_0_alone_writes_logs_checkpoints_exports_and_the_summary(runs):
         assert len((root / "two" / stage / "log.jsonl").read_text().splitlines()) == epochs
     card = json.loads((root / "two" / "model.json").read_text())
     assert card["training"] == json.loads((root / "one" / "model.json").read_text())["training"]
-    assert not list((root / "two").rglob("*.tmp"))
+    assert not [p for p in (root / "two").rglob("*") if ".tmp" in p.name]
 
 
 def test_a_batch_too_small_to_split_over_the_processes_is_refused_with_the_option_to_change(tmp_path):
@@ -89,6 +89,46 @@ def test_a_batch_too_small_to_split_over_the_processes_is_refused_with_the_optio
     assert "2 processes need at least 2 images in every batch" in r.stderr and "--batch-size" in r.stderr
     # The workers exit with the one-line error; torchrun itself then reports the failed workers its own way.
     assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr
+
+
+RANKS_SCRIPT = """
+import json, sys
+import torch
+from training import distributed
+from training.loop import accuracy
+
+distributed.setup("cpu")
+out = {"rank": distributed.rank()}
+# One test image for two ranks: rank 1's share is empty and still joins the sum.
+model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+out["accuracy"] = accuracy(model, torch.zeros(1, 1, 2, 2), torch.tensor([model(torch.zeros(1, 1, 2, 2)).argmax()]),
+                           "cpu", sharded=True)
+out["written"] = distributed.main_only(lambda: "ok")
+def fail():
+    raise OSError("disk full")
+try:
+    distributed.main_only(fail)
+except Exception as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+distributed.teardown()
+with open(f"{sys.argv[1]}/rank-{out['rank']}.json", "w") as f:  # not stdout: the ranks' lines would interleave
+    json.dump(out, f)
+"""
+
+
+def test_a_failure_on_rank_0_alone_stops_every_rank_with_its_reason_and_empty_shares_still_count(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{i}.json").read_text()) for i in range(2)]
+    assert [o["accuracy"] for o in ranks] == [1.0, 1.0]
+    assert [o["written"] for o in ranks] == ["ok", None]
+    assert ranks[0]["error"] == "OSError: disk full"  # rank 0 raises its own error ...
+    assert ranks[1]["error"] == "PeerFailed: rank 0 failed (OSError: disk full); rank 1 stops too"  # ... rank 1 too
 
 
 def test_distributed_without_torchrun_is_a_cli_error_naming_torchrun(tmp_path):

@@ -1,12 +1,17 @@
 """The evaluation harness, end to end on digits at the smoke scale: every table cell, the cache, the endpoint."""
 import json
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import serve
+from conftest import REPO, serve
 from training.evaluate import main
+from training.files import exclusive
 
 TEACHERS = ["base", "ast", "nt", "stt", "st"]
 
@@ -128,9 +133,45 @@ def test_teachers_trained_once_serve_every_student_seed(tmp_path):
     assert r["run"]["trained"]["teacher_epochs"] == 4  # the base, once
 
 
+def _waiting_on(path: Path) -> bool:
+    """Whether some process is blocked waiting for a lock on `path` (Linux lists waiters with '->')."""
+    inode = f":{path.stat().st_ino} "
+    return any("->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_a_student_run_another_job_holds_is_waited_for_then_trained_once(tmp_path):
+    # What keeps two --jobs workers (or two evaluations on one work directory) from training one student at once.
+    if not Path("/proc/locks").exists():
+        pytest.skip("needs Linux's /proc/locks to see a process waiting for a lock")
+    argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base", "--protocols", "paper", "--work-dir",
+            str(tmp_path / "w"), "--no-progress", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "r0")]) == 0
+    (student,) = [d for d in (tmp_path / "w" / "students").iterdir()
+                  if d.is_dir() and json.loads((d / "metrics.json").read_text())["settings"]["protocol"] == "paper"]
+    for name in ("metrics.json", "checkpoint.pt"):
+        (student / name).unlink()
+    lock = student.with_name(student.name + ".lock")
+    with exclusive(lock):  # another job is training this student
+        proc = subprocess.Popen([sys.executable, "-m", "training.evaluate", *argv, "--out", str(tmp_path / "r1")],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not _waiting_on(lock) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        waited = _waiting_on(lock)
+        assert waited and not (student / "metrics.json").exists(), "the evaluation did not wait for the lock"
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    r = json.loads((tmp_path / "r1" / "results.json").read_text())
+    assert r["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 2}  # that student alone, once
+    assert (student / "metrics.json").exists()
+
+
 def test_jobs_fan_teachers_and_student_groups_out_to_processes_and_train_each_exactly_once(tmp_path):
+    # The sweep's row "ast alpha=0.05" is the default ast again: its teacher and students are the same runs as
+    # ast's, held by other jobs of the same wave, and must still be trained once.
     argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base,ast,st", "--seeds", "2", "--teacher-seed",
-            "0", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--no-progress", "--device", "cpu"]
+            "0", "--sweep", "alpha=0.05", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"),
+            "--no-progress", "--device", "cpu"]
     assert main([*argv, "--jobs", "2"]) == 0
     r = json.loads((tmp_path / "r" / "results.json").read_text())
     assert r["run"]["jobs"] == 2
@@ -138,6 +179,7 @@ def test_jobs_fan_teachers_and_student_groups_out_to_processes_and_train_each_ex
     # 2 epochs each: nothing trained twice by two workers, nothing left for the sequential pass.
     assert r["run"]["trained"] == {"teacher_epochs": 8, "student_epochs": 2 * 7 * 2}
     for protocol in ("paper", "query"):
+        assert r["students"][protocol]["ast alpha=0.05"] == r["students"][protocol]["ast"]
         for name in ("base", "ast", "st"):
             assert len(r["students"][protocol][name]["cnn5"]["accuracy"]["values"]) == 2
     assert len(list((tmp_path / "w" / "logs").glob("worker-*.log"))) == 2
