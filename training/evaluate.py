@@ -61,7 +61,7 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "smoke": Scale("seconds, for tests", dict(epochs=4, limit_train=600, limit_test=300, pgd_steps=5,
                                               pgd_step=0.06), student_epochs=2, query_size=600),
-    # 2 CPU cores, CIFAR-10: about 20 minutes of teachers, then 10 a student seed (results/cifar10-cpu/README.md).
+    # 2 CPU cores, CIFAR-10: about 20 minutes of teachers, then 10 a student seed (docs/results/cifar10-cpu/README.md).
     # ResNet-20 needs its 30 epochs to beat a cnn5 trained alone on the same 4,000 images (12 did not).
     "cpu": Scale("CIFAR-10 on 2 CPU cores: ResNet-20 teachers on 4,000 images, cnn5 students, under an hour "
                  "with --teacher-seed 0 --seeds 2",

@@ -1,6 +1,6 @@
 """results.json -> results.md and the figures. A pure function of the JSON, so a report can be redrawn:
 
-    python -m training.report results/cifar10-cpu
+    python -m training.report docs/results/cifar10-cpu
 """
 from __future__ import annotations
 
