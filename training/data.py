@@ -292,7 +292,6 @@ def load_dataset(name: str, data_root: str | Path = "data", cache_dir: str | Pat
         source = _SOURCES.get(name, _load_image_folder)
         arrays = source(data_root if name in _SOURCES else Path(name))
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
             savez_atomic(cache, train_x=arrays[0], train_y=arrays[1], test_x=arrays[2], test_y=arrays[3],
                          classes=np.asarray(arrays[4]))
     train_x, train_y, test_x, test_y, classes = arrays

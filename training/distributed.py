@@ -117,8 +117,8 @@ def shard(n: int) -> slice:
     return share(n, rank(), world_size())
 
 
-def _wire_device(t: torch.Tensor) -> torch.device:
-    """Where a collective can take `t`: nccl moves CUDA tensors only, gloo (here) CPU ones."""
+def _wire_device() -> torch.device:
+    """Where a collective's tensors must be: nccl moves CUDA tensors only, gloo (here) CPU ones."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
@@ -126,7 +126,7 @@ def sum_all(t: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of `t` over all ranks, on t's device (a copy; `t` is left alone)."""
     if not active():
         return t.clone()
-    wire = t.to(_wire_device(t), copy=True)
+    wire = t.to(_wire_device(), copy=True)
     dist.all_reduce(wire)
     return wire.to(t.device)
 
@@ -136,7 +136,7 @@ def cat_ranks(local: torch.Tensor) -> torch.Tensor:
     local's device."""
     if not active():
         return local
-    wire = _wire_device(local)
+    wire = _wire_device()
     counts = [torch.zeros((), dtype=torch.int64, device=wire) for _ in range(world_size())]
     dist.all_gather(counts, torch.tensor(len(local), device=wire))
     longest = max(int(c) for c in counts)

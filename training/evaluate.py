@@ -390,9 +390,12 @@ class Evaluation:
                 networks[key] = self.network(self.teacher_cfg(row, seed), data)
             return networks[key]
 
-        # A worker's job asks the service (or reads the answers the parent bought) only if it needs them.
-        wanted = only is None or any(r.network == ENDPOINT and only == f"query {r.name}" for r in self.rows)
-        served = self.served_endpoint(seed, data.test) if self.args.url and wanted else None
+        answers = {}
+
+        def served() -> dict:  # the live service's answers, bought (or read back) on first use
+            if not answers:
+                answers.update(self.served_endpoint(seed, data.test))
+            return answers
         res = {"teachers": {}, "statistics": {}, "students": {p: {} for p in PROTOCOLS}, "histograms": {}}
         if only is None:
             self.teacher_cells(res, data.test, net, served)
@@ -403,10 +406,11 @@ class Evaluation:
             res["examples"] = self.examples(networks, data)
         return res
 
-    def teacher_cells(self, res: dict, test: Split, net, served: dict | None) -> None:
+    def teacher_cells(self, res: dict, test: Split, net, served) -> None:
         for row in self.rows:
             if row.network == ENDPOINT:  # probabilities only: softmax(log p / T) is the teacher at T
-                top1, probs = served["test"].argmax(1), student_targets(served["test"], "logit", self.kd_t)
+                answers = served()["test"]
+                top1, probs = answers.argmax(1), student_targets(answers, "logit", self.kd_t)
             else:
                 logits = predict_logits(net(row)["model"], test.images, self.device, self.cfg.eval_batch_size)
                 shown = sparse_topk_logits(logits, row.top_k) if row.top_k else logits
@@ -416,7 +420,7 @@ class Evaluation:
             res["histograms"][row.name] = entropy_histogram(probs)
 
     def train_group(self, res: dict, protocol: str, row: Row | None, student_seed: int, seed: int, data: Dataset,
-                    net, served: dict | None) -> None:
+                    net, served) -> None:
         args, test = self.args, data.test
         if protocol == "alone":  # students trained alone: the reference each student's change is measured from
             alone = [(arch, arch, TEACHERS["base"], self.student_settings(arch, student_seed, "alone", {}))
@@ -446,7 +450,7 @@ class Evaluation:
             queries = self.query_set(seed)
             recipe = student_recipe(args.label_mode, self.kd_t, 1.0, use_labels=False)
             if row.network == ENDPOINT:
-                probs, sha = served["queries"], served["card"]["sha256"]
+                probs, sha = served()["queries"], served()["card"]["sha256"]
             else:
                 teacher = net(row)
                 probs, sha = self.served_answers(teacher["onnx"], queries.images, row.top_k), teacher["key"]

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.data import to_float
-from training.files import exclusive, save_atomic
+from training.files import run_lock, save_atomic
 
 
 @dataclass(frozen=True)
@@ -72,22 +72,15 @@ def adversarial_set(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     key.update(hashlib.sha256(images.numpy().tobytes()).digest())
     key.update(hashlib.sha256(labels.numpy().tobytes()).digest())
     path = Path(cache_dir) / f"adv-{key.hexdigest()[:20]}.pt" if cache_dir else None
-    # One process makes a set; another that needs it meanwhile waits, then reads it. (Within one torchrun job the
-    # ranks make it together instead: a lock held by rank 0 alone would keep the others waiting in a collective.)
-    lock = exclusive(path.with_suffix(".lock")) if path is not None and not distributed.active() else nullcontext()
-    with lock:
+    # One process makes a set; another that needs it meanwhile waits, then reads it.
+    with run_lock(path.with_suffix(".lock")) if path is not None else nullcontext():
         # Every rank must agree, or those that read the cache leave the others alone in the attack's collectives.
         if path is not None and distributed.sum_all(torch.tensor(int(path.exists()))) == distributed.world_size():
             return torch.load(path)
         adv = _attack_all(model, images, labels, cfg, batch_size, device, progress)
         if path is not None:
-            distributed.main_only(_save, adv, path)
+            distributed.main_only(save_atomic, adv, path)
     return adv
-
-
-def _save(adv: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(adv, path)
 
 
 def _attack_all(model, images, labels, cfg: PGDConfig, batch_size: int, device, progress: bool) -> torch.Tensor:

@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
@@ -28,7 +27,7 @@ from training import distributed  # noqa: E402
 from training.config import PRESETS, Config, make_config, validate  # noqa: E402
 from training.data import DataError, Dataset, load_dataset  # noqa: E402
 from training.export import ExportError, export_verified, sha256_file  # noqa: E402
-from training.files import exclusive  # noqa: E402
+from training.files import run_lock  # noqa: E402
 from training.loop import RunError, accuracy, fit, resolve_device  # noqa: E402
 from training.losses import DIVERGENCES, top_k_from_ratio  # noqa: E402
 from training.models import create_model, list_models  # noqa: E402
@@ -47,12 +46,6 @@ def stage_settings(cfg: Config, teacher: str, epochs: int, top_k: int) -> dict:
     if TEACHERS[teacher].needs_base:  # trained against the base model: depends on how long that trained
         settings["base_epochs"] = cfg.base_epochs or cfg.epochs
     return settings
-
-
-def stage_lock(directory: Path):
-    """Runs that share a stage's directory (evaluate --jobs: teachers sharing one base) take turns: the next one
-    finds the stage finished and reuses it. The ranks of one torchrun job need no lock: they move together."""
-    return exclusive(directory / ".lock") if not distributed.active() else nullcontext()
 
 
 def load_data(cfg: Config, cache_dir: Path) -> Dataset:
@@ -169,7 +162,9 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
     base_dir = base_dir or out / "base"
     # A shared base (several teachers' base_dir) keeps one name, so it is exported once.
     base_name = f"{name}-base" if base_dir == out / "base" else base_dir.resolve().name
-    with stage_lock(base_dir):
+    # Runs that share a stage's directory (evaluate --jobs: teachers sharing one base) take turns: the next one
+    # finds the stage finished and reuses it.
+    with run_lock(base_dir / ".lock"):
         base, base_metrics = train_stage("base", cfg, data, base_dir, dev, epochs=base_epochs, top_k=top_k,
                                          resume=resume, overwrite=overwrite, progress=progress,
                                          on_epoch_end=hook("base"))
@@ -188,7 +183,7 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
         summary["pgd"] = {"base_accuracy_on_adversarial_train": adv_acc, "seconds": round(time.time() - t1, 2),
                           "max_linf": float((pair.float() - data.train.images.float() / 255).abs().max())}
 
-    with stage_lock(out):
+    with run_lock(out / ".lock"):
         if cfg.teacher == "base":
             model, metrics, checkpoint = base, base_metrics, base_dir / "checkpoint.pt"
         else:
@@ -263,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             device = str(distributed.setup(args.device))
         summary = run(cfg, args.out, device=device, cache_dir=args.cache_dir, resume=args.resume,
                       overwrite=args.overwrite, name=args.name, version=args.version, progress=not args.no_progress)
-        distributed.barrier()  # the other ranks wait for rank 0's export before the group goes away
+        distributed.barrier()  # every rank leaves the group together
         if distributed.is_main():
             print(json.dumps(summary, indent=2))
     except (DataError, RunError, ExportError, ValueError, distributed.PeerFailed) as e:
