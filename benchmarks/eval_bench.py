@@ -99,7 +99,7 @@ def jobs(args, device) -> None:
     from an empty work directory, as a user would run it."""
     def timed(n: int) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "training.evaluate", "--dataset", "digits", "--scale", "smoke", "--seeds",
+            cmd = [sys.executable, "-m", "evaluation", "--dataset", "digits", "--scale", "smoke", "--seeds",
                    "2", "--teacher-seed", "0", "--set", "epochs=8", "--student-epochs", "4", "--no-progress",
                    "--device", str(device), "--jobs", str(n), "--out", f"{tmp}/r", "--work-dir", f"{tmp}/w"]
             t0 = time.perf_counter()

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from fastapi import FastAPI, File, UploadFile  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from astguard.card import PROBABILITIES  # noqa: E402
 from training.models import create_model  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def create_app(model: torch.nn.Module, image_size: int, in_channels: int) -> Fas
         with torch.no_grad():
             probs = torch.softmax(model(x), dim=1)
         labels = probs.argmax(1).tolist()
-        return {"predictions": [{"probabilities": p, "label": y} for p, y in zip(probs.tolist(), labels)]}
+        return {"predictions": [{PROBABILITIES: p, "label": y} for p, y in zip(probs.tolist(), labels)]}
 
     return app
 

@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))  # runs as a plain script, installed package or no
 
 import numpy as np  # noqa: E402
 
+from astguard.card import PROBABILITIES, CardError, DatasetInfo, ModelCard, TeacherInfo, verified_card  # noqa: E402
 from service.process import free_port  # noqa: E402
 
 CACHE = REPO / "runs" / ".cache" / "bench"
@@ -140,15 +141,14 @@ def background_load(seconds: float = 1.0) -> float:
 
 # ---------------------------------------------------------------- the model
 
-def ensure_model(args) -> tuple[Path, Path | None, dict]:
+def ensure_model(args) -> tuple[Path, Path | None, ModelCard]:
     """(model.onnx, torch weights for the naive baseline or None, card)."""
     if args.model is not None:
         onnx_path = args.model.resolve()
-        card_path = next((p for p in (onnx_path.with_suffix(".json"), onnx_path.parent / "model.json")
-                          if p.is_file()), None)
-        if not onnx_path.is_file() or card_path is None:
-            raise SystemExit(f"serve_bench: {onnx_path} needs to exist with its model card model.json beside it")
-        card = json.loads(card_path.read_text())
+        try:
+            card = verified_card(onnx_path)
+        except CardError as e:
+            raise SystemExit(f"serve_bench: {e}") from None
         weights = args.weights
         if weights is None:
             for cand in (onnx_path.parent / "model.pt", onnx_path.parent / "checkpoint.pt"):
@@ -157,15 +157,15 @@ def ensure_model(args) -> tuple[Path, Path | None, dict]:
                     break
         return onnx_path, weights, card
 
-    from training.export import sha256_file
-
     out = CACHE / f"{args.arch}-c10-seed{args.seed}"
-    onnx_path, card_path, weights = out / "model.onnx", out / "model.json", out / "model.pt"
-    if onnx_path.is_file() and card_path.is_file() and weights.is_file():
-        card = json.loads(card_path.read_text())
-        if card.get("sha256") == sha256_file(onnx_path):
+    onnx_path, weights = out / "model.onnx", out / "model.pt"
+    if weights.is_file():
+        try:
+            card = verified_card(onnx_path)
             print(f"model: reusing {onnx_path.relative_to(REPO)}", flush=True)
             return onnx_path, weights, card
+        except CardError:
+            pass  # missing or stale: export again
     import torch
 
     from training.export import export_verified
@@ -175,27 +175,24 @@ def ensure_model(args) -> tuple[Path, Path | None, dict]:
     torch.manual_seed(args.seed)
     model = create_model(args.arch, 10).eval()  # untrained weights: fine for throughput
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    card = {"name": f"bench-{args.arch}", "version": "1", "class_names": classes,
-            "teacher": {"type": "base", "summary": "untrained weights, for throughput benchmarks only",
-                        "hyperparameters": {}},
-            "dataset": {"name": "synthetic", "spec": None, "num_classes": 10, "mean": [0.0] * 3, "std": [1.0] * 3},
-            "training": {"arch": args.arch, "seed": args.seed, "epochs": 0}}
-    card = export_verified(model, out, sample=torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
-                           card=card)
+    card = export_verified(
+        model, out, sample=torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+        name=f"bench-{args.arch}", version="1", class_names=classes,
+        teacher=TeacherInfo("base", "untrained weights, for throughput benchmarks only"),
+        dataset=DatasetInfo("synthetic", "", 0, 0, 10, (0.0,) * 3, (1.0,) * 3), accuracy={},
+        training={"arch": args.arch, "seed": args.seed, "epochs": 0})
     torch.save({"arch": args.arch, "num_classes": 10, "in_channels": 3, "image_size": 32,
                 "state_dict": model.state_dict()}, weights)
     print(f"model: exported {onnx_path.relative_to(REPO)} in {time.perf_counter() - t0:.1f}s", flush=True)
     return onnx_path, weights, card
 
 
-def naive_weight_args(weights: Path, card: dict) -> list[str]:
+def naive_weight_args(weights: Path, card: ModelCard) -> list[str]:
     """Extra naive-server options for a training checkpoint.pt (serve_bench's own model.pt needs none)."""
     if weights.name == "model.pt":
         return []
-    arch = (card.get("training") or {}).get("arch")
-    _, c, h, _ = card["input"]["shape"]
-    return ["--arch", str(arch), "--num-classes", str(len(card["class_names"])), "--in-channels", str(c),
-            "--image-size", str(h)]
+    return ["--arch", str(card.training.get("arch")), "--num-classes", str(card.num_classes), "--in-channels",
+            str(card.input.channels), "--image-size", str(card.input.height)]
 
 
 # ---------------------------------------------------------------- request bodies
@@ -244,23 +241,21 @@ class OrtBench:
     def __init__(self, onnx_path: Path, images: np.ndarray, threads: int):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        from service.runtime import session_options
+
+        self.session = ort.InferenceSession(str(onnx_path), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
         self.name, self.images = self.session.get_inputs()[0].name, images
 
     def measure(self, batch: int, seconds: float) -> dict:
         x = np.ascontiguousarray(np.resize(self.images, (batch,) + self.images.shape[1:]), np.float32)
         for _ in range(3):
-            self.session.run(["probabilities"], {self.name: x})
+            self.session.run([PROBABILITIES], {self.name: x})
         times = []
         m0, c0, t0 = machine_cpu()[0], self_cpu(), time.perf_counter()
         while True:
             s = time.perf_counter()
-            self.session.run(["probabilities"], {self.name: x})
+            self.session.run([PROBABILITIES], {self.name: x})
             e = time.perf_counter()
             times.append(e - s)
             if e - t0 >= seconds and len(times) >= 3:
@@ -615,9 +610,9 @@ def main(argv=None) -> int:
                      "ort": {}, "load": {}}
 
     onnx_path, weights, card = ensure_model(args)
-    _, channels, height, width = card["input"]["shape"]
-    results["model"] = {"path": str(onnx_path), "name": card.get("name"), "sha256": card.get("sha256"),
-                        "input": card["input"]["shape"], "naive_weights": str(weights) if weights else None}
+    channels, height, width = card.input.channels, card.input.height, card.input.width
+    results["model"] = {"path": str(onnx_path), "name": card.name, "sha256": card.sha256,
+                        "input": list(card.input.shape), "naive_weights": str(weights) if weights else None}
     pngs, arrays = make_pngs(64, channels, height, width, args.seed)
     batch_bodies, ctype = build_bodies(pngs, ipr, args.distinct_bodies)
     single_bodies, ctype1 = build_bodies(pngs, 1, max(args.distinct_bodies, 16))

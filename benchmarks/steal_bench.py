@@ -27,7 +27,7 @@ import serve_bench  # noqa: E402
 import torch  # noqa: E402
 
 from clients.client import AsyncAstguardClient  # noqa: E402
-from clients.steal import query_victim  # noqa: E402
+from clients.attack.victim import query_victim  # noqa: E402
 from service.process import running  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     bench_args = SimpleNamespace(model=None, weights=None, arch=args.arch, seed=args.seed, timeout=60.0,
                                  client="httpx")
     onnx_path, _, card = serve_bench.ensure_model(bench_args)
-    _, c, h, w = card["input"]["shape"]
+    c, h, w = card.input.channels, card.input.height, card.input.width
     k, conc = args.images_per_request, args.concurrency
     pngs, _ = serve_bench.make_pngs(64, c, h, w, seed=1)
     bodies, content_type = serve_bench.build_bodies(pngs, k, 8)

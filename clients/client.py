@@ -20,6 +20,8 @@ from typing import Any, Sequence, Union
 import httpx
 import numpy as np
 
+from astguard.card import PROBABILITIES  # the answer's field is the model's output name
+
 ImageLike = Union[str, Path, bytes, "PIL.Image.Image", np.ndarray]  # noqa: F821
 
 
@@ -142,7 +144,7 @@ def _error(response: httpx.Response) -> AstguardError:
 def _result(response: httpx.Response) -> PredictResult:
     body = response.json()
     remaining = response.headers.get("x-budget-remaining")
-    return PredictResult([Prediction(np.asarray(p["probabilities"], np.float32), p["label"], p["class_name"])
+    return PredictResult([Prediction(np.asarray(p[PROBABILITIES], np.float32), p["label"], p["class_name"])
                           for p in body["predictions"]], body["model"],
                          int(remaining) if remaining is not None else None)
 

@@ -10,18 +10,15 @@ import typing
 
 from pydantic import ValidationError
 
+from astguard.cli import Parser
+
 from service.config import Settings
 from service.errors import validation_reasons
 from service.runtime import StartupError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="astguard-serve", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="astguard-serve", description=__doc__.split("\n\n")[0],
                 epilog="Every option is also ASTGUARD_<OPTION> in the environment (e.g. ASTGUARD_API_KEYS).")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.defenses import DEFENSES
+
 
 def cpu_limit() -> int:
     """CPUs this process may use: the container's CPU quota when there is one, else the affinity mask."""
@@ -32,7 +34,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="uvicorn log level")
 
     # output defense
-    output_defense: str = Field("none", description="none, topk, round, reverse_sigmoid, label_only or dcp")
+    output_defense: str = Field("none", description="the output defense (registry key): " + ", ".join(DEFENSES))
     defense_k: int = Field(1, ge=1, description="topk: how many probabilities to keep")
     defense_decimals: int = Field(2, ge=0, le=8, description="round: decimal places")
     defense_beta: float = Field(0.3, ge=0, description="reverse_sigmoid, dcp: perturbation strength beta")

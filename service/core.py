@@ -73,9 +73,7 @@ class Service:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Service":
         """Everything that can fail at start-up fails here, with one clear message (StartupError/ValueError)."""
-        if settings.output_defense not in DEFENSES:
-            raise ValueError(f"unknown output defense {settings.output_defense!r}; known: {', '.join(DEFENSES)}")
-        params = {p: getattr(settings, f"defense_{p}") for p in DEFENSES[settings.output_defense].params}
+        params = {p: getattr(settings, f"defense_{p}") for p in DEFENSES.entry(settings.output_defense).params}
         limit_pixels(settings.max_image_pixels)
         model = OnnxModel(settings.model, device=settings.device, intra_op_threads=settings.intra_op_threads)
         keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
@@ -136,10 +134,10 @@ class Service:
     def describe(self) -> dict:
         s = self.settings
         return {
-            "card": self.model.card,
+            "card": self.model.card.to_dict(),
             "provider": self.model.provider,
             "output_defense": {"name": self.defense_name, "params": self.defense_params,
-                               "summary": DEFENSES[self.defense_name].summary},
+                               "summary": DEFENSES.entry(self.defense_name).summary},
             "micro_batching": {"enabled": s.micro_batching, "max_batch_size": s.max_batch_size,
                                "max_wait_ms": s.max_wait_ms},
             "limits": {"max_images_per_request": s.max_images_per_request, "max_body_bytes": s.max_body_bytes,

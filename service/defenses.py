@@ -1,20 +1,36 @@
-"""Serving-time output defenses: pure functions probs[N, C] -> probs[N, C] (numpy), each with its parameters.
+"""Serving-time output defenses: pure functions probs[N, C] -> probs[N, C] (numpy), each with its parameters,
+registered in DEFENSES.
 
 `ASTGUARD_OUTPUT_DEFENSE` picks one by key; its parameters come from the `ASTGUARD_DEFENSE_*` settings.
-Every row is treated on its own, so a batch mixes confident and unsure answers safely.
+Every row is treated on its own, so a batch mixes confident and unsure answers safely. A new defense is one
+function and one `register_defense(...)` here: the service's settings, the evaluation's rows (`--teachers NAME`)
+and the report find it by name (README: "Adding a serving-time defense").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from astguard.registry import Registry
 
+Defense = Callable[..., np.ndarray]  # (probs [N, C], **params) -> probs [N, C]
+DEFENSES: Registry[Defense] = Registry("output defense")
+
+
+def register_defense(name: str, *, summary: str, params: tuple[str, ...] = (), keeps_top1: bool = True,
+                     top1_note: str = ""):
+    """Decorator: register a defense; `params` are its keyword arguments, read from settings `defense_<param>`;
+    `keeps_top1`: every answer keeps the model's top-1 class, by the definition (tested); `top1_note` qualifies it."""
+    return DEFENSES.register(name, summary=summary, params=params, keeps_top1=keeps_top1, top1_note=top1_note)
+
+
+@register_defense("none", summary="the model's probabilities as they are")
 def none(probs: np.ndarray) -> np.ndarray:
     return probs
 
 
+@register_defense("topk", summary="Stingy Teacher: the k largest probabilities, renormalised", params=("k",))
 def topk(probs: np.ndarray, k: int) -> np.ndarray:
     """Stingy Teacher (Ma et al.): keep the k largest probabilities of each row, zero the rest, renormalise.
     Keeps the top-1 label."""
@@ -25,6 +41,8 @@ def topk(probs: np.ndarray, k: int) -> np.ndarray:
     return out / out.sum(1, keepdims=True)
 
 
+@register_defense("round", summary="rounded to d places by largest remainder, so rows still sum to 1",
+                  params=("decimals",), top1_note="up to ties that rounding creates")
 def round_probs(probs: np.ndarray, decimals: int) -> np.ndarray:
     """Round to `decimals` places so that each row still sums to 1 (largest-remainder rounding).
     Keeps the top-1 label up to ties that rounding creates."""
@@ -38,6 +56,10 @@ def round_probs(probs: np.ndarray, decimals: int) -> np.ndarray:
     return (floor / scale).astype(probs.dtype)
 
 
+@register_defense("reverse_sigmoid", summary="Lee et al. 2019: `p - beta*(sigmoid(gamma*logit p) - 1/2)`, clipped, "
+                  "renormalised", params=("beta", "gamma"),
+                  keeps_top1=False, top1_note="it is not monotone near 0, so a low-confidence row with many "
+                                              "classes can change its top-1")
 def reverse_sigmoid(probs: np.ndarray, beta: float, gamma: float) -> np.ndarray:
     """Lee et al. (2019): p - beta * (sigmoid(gamma * logit(p)) - 1/2), clipped to [0,1], renormalised.
     It misleads a student fitted to log-probabilities; it may change the top-1 of low-confidence rows with
@@ -50,6 +72,7 @@ def reverse_sigmoid(probs: np.ndarray, beta: float, gamma: float) -> np.ndarray:
     return q.astype(probs.dtype)
 
 
+@register_defense("label_only", summary="one-hot of the top-1")
 def label_only(probs: np.ndarray) -> np.ndarray:
     """One-hot of the top-1: a label-only API. Keeps the top-1 label."""
     out = np.zeros_like(probs)
@@ -57,6 +80,9 @@ def label_only(probs: np.ndarray) -> np.ndarray:
     return out
 
 
+@register_defense("dcp", summary="after Khaled et al. 2023: reverse-sigmoid perturbation only on answers whose top-1 "
+                  "is below tau", params=("beta", "gamma", "tau"), keeps_top1=False,
+                  top1_note="confident rows are unchanged")
 def dcp(probs: np.ndarray, beta: float, gamma: float, tau: float) -> np.ndarray:
     """Confidence-gated perturbation (after Khaled et al., 2023): reverse-sigmoid perturbation only for rows
     whose top-1 probability is below tau, where a thief learns most; confident rows are returned as they are."""
@@ -67,28 +93,8 @@ def dcp(probs: np.ndarray, beta: float, gamma: float, tau: float) -> np.ndarray:
     return out
 
 
-@dataclass(frozen=True)
-class Defense:
-    fn: Callable[..., np.ndarray]
-    params: tuple[str, ...]  # settings `defense_<param>` passed to fn
-    keeps_top1: bool  # guaranteed by the definition (round: up to ties it creates)
-    summary: str
-
-
-DEFENSES: dict[str, Defense] = {
-    "none": Defense(none, (), True, "the model's probabilities as they are"),
-    "topk": Defense(topk, ("k",), True, "Stingy Teacher: the k largest probabilities, renormalised"),
-    "round": Defense(round_probs, ("decimals",), True, "probabilities rounded to `decimals` places, summing to 1"),
-    "reverse_sigmoid": Defense(reverse_sigmoid, ("beta", "gamma"), False, "reverse-sigmoid perturbation"),
-    "label_only": Defense(label_only, (), True, "one-hot of the top-1 label"),
-    "dcp": Defense(dcp, ("beta", "gamma", "tau"), False, "reverse sigmoid on answers with top-1 below tau"),
-}
-
-
 def make_defense(name: str, **settings) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
     """The defense `name` bound to its parameters (taken from `settings` by name); returns (fn, params)."""
-    if name not in DEFENSES:
-        raise ValueError(f"unknown output defense {name!r}; known: {', '.join(DEFENSES)}")
-    d = DEFENSES[name]
-    params = {p: settings[p] for p in d.params}
-    return (lambda probs: d.fn(probs, **params)), params
+    entry = DEFENSES.entry(name)
+    params = {p: settings[p] for p in entry.params}
+    return (lambda probs: entry.value(probs, **params)), params

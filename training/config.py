@@ -7,11 +7,9 @@ for CIFAR. The base model and the defended teacher share the optimisation settin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+from astguard.cli import option as _f
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class Config:
     temperature: float = _f(6.0, "softmax temperature T of the divergence term")
     sparse_ratio: float = _f(0.2, "share of classes the sparse target keeps, in (0,1]: k = ratio x classes")
     top_k: int | None = _f(None, "keep exactly this many logits (overrides --sparse-ratio)")
-    divergence: str = _f("epd-code", "divergence: epd-paper (as printed), epd-code (as released), kl")
+    divergence: str = _f("epd-code", "divergence (registry key): epd-paper (as printed), epd-code (as released), kl")
     # Nasty Teacher
     nt_weight: float = _f(0.004, "Nasty Teacher weight w of the KL-to-base term")
     nt_temperature: float = _f(4.0, "Nasty Teacher temperature")

@@ -1,4 +1,5 @@
-"""Distilling a student from a teacher's answers: the attacker's (clients/steal.py) and the evaluation's students.
+"""What a student fits from a teacher's answers: the label modes and the distillation recipes of the attacker's
+(clients/attack) and the evaluation's students.
 
 What a thief fits, from the probabilities p a teacher returned (`--label-mode`):
 - `soft`:  the probabilities as returned; the student at temperature T; T^2 * KL(p || softmax(s/T)).
@@ -10,37 +11,47 @@ With true labels (the paper's protocol): alpha * that + (1 - alpha) * CE(s, y).
 """
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.config import Config
-from training.data import Batch, Split
-from training.loop import fit
+from astguard.registry import Registry
+from training.data import Batch
 from training.losses import kl_divergence, sparse_topk_logits
 from training.teachers import Context, Recipe
 
-LABEL_MODES = ("soft", "logit", "hard")
 LOGIT_FLOOR = 1e-8
+
+
+@dataclass(frozen=True)
+class LabelMode:
+    targets: Callable[[Tensor, float], Tensor]  # (probs, T) -> the distribution the student fits at T
+    hard: bool = False  # fit the targets' argmax with cross-entropy, not the distribution with KL
+
+
+LABEL_MODES: Registry[LabelMode] = Registry("label mode")
+LABEL_MODES.register("soft", LabelMode(lambda p, t: p), params=("temperature",),
+                     summary="the returned probabilities as they are, the student at T: `T^2 * KL(p || softmax(s/T))`")
+LABEL_MODES.register("logit", LabelMode(lambda p, t: torch.softmax(torch.log(p.clamp_min(LOGIT_FLOOR)) / t, dim=1)),
+                     params=("temperature",),
+                     summary="undo the softmax first: `log max(p, 1e-8)` are the logits up to a constant, so "
+                             "`softmax(z/T)` is the teacher at T, as in Hinton's KD")
+LABEL_MODES.register("hard", LabelMode(lambda p, t: F.one_hot(p.argmax(1), p.shape[1]).to(p.dtype), hard=True),
+                     summary="the top-1 only, with cross-entropy")
 
 
 def student_targets(probs: Tensor, mode: str, temperature: float) -> Tensor:
     """The distribution the student fits at temperature T (for `hard`: the one-hot top-1)."""
-    if mode == "soft":
-        return probs
-    if mode == "logit":
-        return torch.softmax(torch.log(probs.clamp_min(LOGIT_FLOOR)) / temperature, dim=1)
-    if mode == "hard":
-        return F.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
-    raise ValueError(f"unknown label mode {mode!r}; use one of {', '.join(LABEL_MODES)}")
+    return LABEL_MODES[mode].targets(probs, temperature)
 
 
 def distill_loss(student_logits: Tensor, targets: Tensor, labels: Tensor | None, *, mode: str,
                  temperature: float, alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
     """`targets` from student_targets; `labels` the true labels, or None when the thief has none."""
-    if mode == "hard":
+    if LABEL_MODES[mode].hard:
         kd = F.cross_entropy(student_logits, targets.argmax(1))
     else:
         t = temperature
@@ -53,8 +64,7 @@ def distill_loss(student_logits: Tensor, targets: Tensor, labels: Tensor | None,
 
 def student_recipe(mode: str, temperature: float, alpha: float, use_labels: bool) -> Recipe:
     """A Recipe for the training loop; batch.target holds student_targets(...), batch.y the true labels."""
-    if mode not in LABEL_MODES:
-        raise ValueError(f"unknown label mode {mode!r}; use one of {', '.join(LABEL_MODES)}")
+    LABEL_MODES.entry(mode)  # an unknown mode fails now, not at the first batch
 
     def loss(model: nn.Module, batch: Batch, ctx: Context):
         logits = model(batch.x)
@@ -76,16 +86,3 @@ def kd_recipe(temperature: float, alpha: float, top_k: int | None = None) -> Rec
         return total, terms, logits
 
     return Recipe("kd" if top_k is None else f"kd-top{top_k}", "distilled from a teacher's logits", loss)
-
-
-def train_student(model: nn.Module, cfg: Config, images: Tensor, probs: Tensor, labels: Tensor | None,
-                  test: Split, out_dir: Path, *, mode: str, temperature: float, alpha: float,
-                  device: torch.device, progress: bool = True) -> list[dict]:
-    """Fit `model` to a teacher's answers `probs` on `images`. Without true labels, the teacher's top-1 stands in
-    for them in the logged train accuracy (then: agreement with the teacher on the transfer set)."""
-    targets = student_targets(probs.float(), mode, temperature)
-    use_labels = labels is not None and alpha < 1
-    y = labels if labels is not None else probs.argmax(1)
-    recipe = student_recipe(mode, temperature, alpha, use_labels)
-    return fit(model, recipe, Context(cfg, top_k=0), Split(images, y), test, out_dir, epochs=cfg.epochs,
-               device=device, target=targets, progress=progress)

@@ -1,4 +1,4 @@
-"""ONNX export, verified in onnxruntime against PyTorch, and the JSON model card the service reads.
+"""ONNX export, verified in onnxruntime against PyTorch, and the model card (astguard.card) the service reads.
 
 The graph takes `image`: float32 [N, C, H, W] pixels in [0,1] (normalisation is inside), and returns
 `probabilities` [N, classes] (softmax) and `logits` [N, classes]. One file, no external data.
@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import io
-import json
 import warnings
 from pathlib import Path
 
@@ -17,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("probabilities", "logits")
+from astguard.card import (COLOR_MODES, INPUT_NAME, OUTPUT_NAMES, PROBABILITIES, DatasetInfo, InputSpec,
+                           ModelCard, OutputSpec, TeacherInfo, sha256_file, write_card)
+
 OPSET = 18
-CARD_VERSION = 1
 
 
 class ExportError(RuntimeError):
@@ -35,14 +33,6 @@ class _WithProbabilities(nn.Module):
     def forward(self, image: torch.Tensor):
         logits = self.model(image)
         return torch.softmax(logits, dim=1), logits
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_onnx(model: nn.Module, path: str | Path, in_channels: int, image_size: int) -> Path:
@@ -80,7 +70,7 @@ def verify_onnx(model: nn.Module, path: str | Path, images: torch.Tensor, *, ato
         x = x.float().cpu()
         with torch.no_grad():
             ref = torch.softmax(model(x), 1).numpy()
-        got = session.run([OUTPUT_NAMES[0]], {INPUT_NAME: x.numpy()})[0]
+        got = session.run([PROBABILITIES], {INPUT_NAME: x.numpy()})[0]
         diff = float(np.abs(got - ref).max())
         agree = float((got.argmax(1) == ref.argmax(1)).mean())
         if got.shape != ref.shape or diff > atol or agree < 1.0:
@@ -90,28 +80,22 @@ def verify_onnx(model: nn.Module, path: str | Path, images: torch.Tensor, *, ato
     return report
 
 
-def export_verified(model: nn.Module, out_dir: str | Path, sample: torch.Tensor, card: dict) -> dict:
+def export_verified(model: nn.Module, out_dir: str | Path, sample: torch.Tensor, *, name: str, version: str,
+                    class_names: list[str], teacher: TeacherInfo, dataset: DatasetInfo, accuracy: dict[str, float],
+                    training: dict) -> ModelCard:
     """Write out_dir/model.onnx and out_dir/model.json; return the card (with sha256 and verification)."""
     out_dir = Path(out_dir)
     onnx_path = export_onnx(model, out_dir / "model.onnx", sample.shape[1], sample.shape[2])
     verification = verify_onnx(model, onnx_path, sample)
-    n_classes = len(card["class_names"])
-    card = {
-        "card_version": CARD_VERSION,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **card,
-        "file": onnx_path.name,
-        "sha256": sha256_file(onnx_path),
-        "input": {"name": INPUT_NAME, "shape": [-1, sample.shape[1], sample.shape[2], sample.shape[3]],
-                  "dtype": "float32", "layout": "NCHW", "color_mode": "L" if sample.shape[1] == 1 else "RGB",
-                  "value_range": [0.0, 1.0]},
-        "outputs": [{"name": OUTPUT_NAMES[0], "shape": [-1, n_classes], "dtype": "float32"},
-                    {"name": OUTPUT_NAMES[1], "shape": [-1, n_classes], "dtype": "float32"}],
-        "opset": OPSET,
-        "verification": verification,
-        "software": {"torch": torch.__version__, "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")},
-    }
-    (out_dir / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+    n = len(class_names)
+    card = ModelCard(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        name=name, version=version, class_names=tuple(class_names), teacher=teacher, dataset=dataset,
+        accuracy=accuracy, training=training, file=onnx_path.name, sha256=sha256_file(onnx_path),
+        input=InputSpec((-1, *sample.shape[1:4]), color_mode=COLOR_MODES[sample.shape[1]]),
+        outputs=tuple(OutputSpec(o, (-1, n)) for o in OUTPUT_NAMES), opset=OPSET, verification=verification,
+        software={"torch": torch.__version__, "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")})
+    write_card(card, out_dir / "model.json")
     return card
 
 

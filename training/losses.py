@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from astguard.registry import Registry
+
 
 def sparse_topk_logits(logits: Tensor, k: int) -> Tensor:
     """Keep the k largest logits of each row and set the rest to -inf (exactly k kept, ties broken by topk)."""
@@ -50,11 +52,15 @@ def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (torch.special.xlogy(q, q) - q * log_p).sum(1).mean()
 
 
-DIVERGENCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "epd-paper": epd_paper,
-    "epd-code": epd_released_code,
-    "kl": kl_divergence,
-}
+DIVERGENCES: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("divergence")
+DIVERGENCES.register("epd-paper", epd_paper, summary="`sum_i e^{p_i} (p_i - q_i)`: the EPD as printed in the paper")
+DIVERGENCES.register("epd-code", epd_released_code,
+                     summary="`sum_i e^{q_i} (q_i - p_i)`: what the authors' released code computes (softmax outputs "
+                             "fed to `KLDivLoss(reduction=\"batchmean\", log_target=True)`); the paper's numbers "
+                             "come from this form")
+DIVERGENCES.register("kl", kl_divergence,
+                     summary="`sum_i q_i (log q_i - log p_i)`: KL(target || model), masked classes contributing "
+                             "exactly 0")
 
 
 def ast_loss(logits: Tensor, target_logits: Tensor, labels: Tensor, *, alpha: float, temperature: float,

@@ -1,4 +1,7 @@
-"""Teacher recipes: a loss over a batch plus what it needs. `--teacher` is a key of TEACHERS.
+"""Teacher recipes: a loss over a batch plus what it needs, registered in TEACHERS (`--teacher KEY`).
+
+A new recipe is one loss function plus one `register_teacher(Recipe(...))`: it then appears in `astguard-train
+--teacher`, its --help, the evaluation's default rows and the report.
 
 A Recipe is what the training loop runs; students (training/distill.py) are Recipes too.
 
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from astguard.registry import Registry
 from training.config import Config
 from training.data import Batch
 from training.losses import ast_loss, nasty_loss
@@ -40,12 +44,11 @@ class Recipe:
     nan_guard: bool = False  # skip steps whose loss is not finite (costs a device sync per step)
 
 
-TEACHERS: dict[str, Recipe] = {}
+TEACHERS: Registry[Recipe] = Registry("teacher recipe")
 
 
 def register_teacher(recipe: Recipe) -> Recipe:
-    TEACHERS[recipe.name] = recipe
-    return recipe
+    return TEACHERS.register(recipe.name, recipe, summary=recipe.summary, params=recipe.params)
 
 
 def _base(model, batch, ctx):
@@ -93,7 +96,7 @@ PGD = ("pgd_eps", "pgd_step", "pgd_steps", "pgd_random_start")
 register_teacher(Recipe("base", "cross-entropy only: the undefended teacher", _base))
 register_teacher(Recipe("ast", "Adversarial Sparse Teacher: divergence to its own sparse answer on the "
                                "paired PGD image, plus CE", _ast, SPARSE + PGD, needs_base=True, needs_adversarial=True))
-register_teacher(Recipe("stt", "Stingy-Trained Teacher: AST's loss with the base model's sparse answer "
-                               "on the clean image as target", _stt, SPARSE, needs_base=True))
 register_teacher(Recipe("nt", "Nasty Teacher: CE minus w * KL to the frozen base at temperature T",
                                _nt, ("nt_weight", "nt_temperature"), needs_base=True, nan_guard=True))
+register_teacher(Recipe("stt", "Stingy-Trained Teacher: AST's loss with the base model's sparse answer "
+                               "on the clean image as target", _stt, SPARSE, needs_base=True))

@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
@@ -23,14 +22,16 @@ if __package__ in (None, ""):  # run as a script: make `training` importable and
 
 import torch  # noqa: E402
 
+from astguard.card import CardError, DatasetInfo, ModelCard, TeacherInfo, read_card, sha256_file  # noqa: E402
+from astguard.cli import Parser, add_options, given  # noqa: E402
 from training import distributed  # noqa: E402
 from training.config import PRESETS, Config, make_config, validate  # noqa: E402
 from training.data import DataError, Dataset, load_dataset  # noqa: E402
-from training.export import ExportError, export_verified, sha256_file  # noqa: E402
+from training.export import ExportError, export_verified  # noqa: E402
 from training.files import run_lock  # noqa: E402
 from training.loop import RunError, accuracy, fit, resolve_device  # noqa: E402
 from training.losses import DIVERGENCES, top_k_from_ratio  # noqa: E402
-from training.models import create_model, list_models  # noqa: E402
+from training.models import MODELS, create_model  # noqa: E402
 from training.pgd import PGDConfig, adversarial_set  # noqa: E402
 from training.teachers import TEACHERS, Context  # noqa: E402
 
@@ -111,26 +112,24 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
 
 
 def export_stage(model, out_dir: Path, data: Dataset, cfg: Config, teacher: str, metrics: dict, name: str,
-                 version: str, base_accuracy: float) -> dict:
+                 version: str, base_accuracy: float) -> ModelCard:
     card_path, onnx_path = out_dir / "model.json", out_dir / "model.onnx"
     if card_path.exists() and onnx_path.exists():
-        card = json.loads(card_path.read_text())
-        if (card.get("sha256") == sha256_file(onnx_path) and card.get("training") == metrics["settings"]
-                and card.get("name") == name and card.get("version") == version):
+        try:
+            card = read_card(card_path)
+        except CardError:
+            card = None  # unreadable: export again
+        if (card is not None and card.sha256 == sha256_file(onnx_path) and card.training == metrics["settings"]
+                and card.name == name and card.version == version):
             return card
     sample = data.test.images[:16].float() / 255.0
-    recipe = TEACHERS[teacher]
-    card = {
-        "name": name, "version": version, "class_names": data.classes,
-        "teacher": {"type": teacher, "summary": recipe.summary,
-                    "hyperparameters": {k: metrics["settings"][k] for k in recipe.params}},
-        "dataset": {"name": data.name, "spec": cfg.dataset, "train_size": len(data.train.labels),
-                    "test_size": len(data.test.labels), "num_classes": data.num_classes,
-                    "mean": list(data.mean), "std": list(data.std)},
-        "accuracy": {"teacher": metrics["test_accuracy"], "base": base_accuracy},
-        "training": metrics["settings"],
-    }
-    return export_verified(model, out_dir, sample, card)
+    recipe = TEACHERS.entry(teacher)
+    return export_verified(
+        model, out_dir, sample, name=name, version=version, class_names=data.classes,
+        teacher=TeacherInfo(teacher, recipe.summary, {k: metrics["settings"][k] for k in recipe.params}),
+        dataset=DatasetInfo(data.name, cfg.dataset, len(data.train.labels), len(data.test.labels), data.num_classes,
+                            tuple(data.mean), tuple(data.std)),
+        accuracy={"teacher": metrics["test_accuracy"], "base": base_accuracy}, training=metrics["settings"])
 
 
 def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None = None, resume: bool = False,
@@ -196,8 +195,8 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
             card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
             summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
                             "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
-                            "onnx": str(out / "model.onnx"), "sha256": card["sha256"],
-                            "checkpoint": str(checkpoint), "verification": card["verification"],
+                            "onnx": str(out / "model.onnx"), "sha256": card.sha256,
+                            "checkpoint": str(checkpoint), "verification": card.verification,
                             "wall_seconds": round(time.time() - t0, 2)})
             metrics.update(summary)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -207,24 +206,10 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
 
 # ---------------------------------------------------------------- command line
 
-def _parse_ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    epilog = ("presets: " + ", ".join(PRESETS) + "\narchitectures: " + ", ".join(list_models())
-              + "\nteachers: " + "; ".join(f"{k} ({r.summary})" for k, r in TEACHERS.items())
-              + "\ndivergences: " + ", ".join(DIVERGENCES))
-    p = _Parser(prog="astguard-train", description=__doc__.split("\n\n")[0], epilog=epilog,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> Parser:
+    epilog = "\n".join(["presets: " + ", ".join(PRESETS), MODELS.help(), TEACHERS.help(), DIVERGENCES.help()])
+    p = Parser(prog="astguard-train", description=__doc__.split("\n\n")[0], epilog=epilog,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--preset", choices=list(PRESETS), help="start from the paper's (or the digits) settings")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -236,24 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes torchrun starts (one per GPU, or gloo on CPU)")
-    defaults = Config()
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kw = {"help": f"{f.metadata['help']} (default: {getattr(defaults, f.name)})", "default": None}
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        kind = {"int": int, "int | None": int, "float": float, "str": str, "tuple[int, ...]": _parse_ints}[f.type]
-        p.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kw)
+    add_options(p, Config, defer_defaults=True)  # defaults <- --preset <- these
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in fields(Config)}
     device = args.device
     try:
-        cfg = make_config(args.preset, **overrides)
+        cfg = make_config(args.preset, **given(Config, args))
         if args.distributed:
             device = str(distributed.setup(args.device))
         summary = run(cfg, args.out, device=device, cache_dir=args.cache_dir, resume=args.resume,

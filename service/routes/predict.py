@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from astguard.card import PROBABILITIES
 from service.core import Service
 from service.errors import ClientError, validation_reasons
 from service.images import decode_image
@@ -107,8 +108,9 @@ async def predict(request: Request, identity: str = Depends(caller), service: Se
     images = await run_in_threadpool(decode_all, blobs, service)
     answer = await service.classify(identity, images)
     card, names = service.model.card, service.model.class_names
-    body = {"model": {"name": card["name"], "version": str(card["version"]), "sha256": card["sha256"]},
-            "predictions": [{"probabilities": p.tolist(), "label": int(y), "class_name": names[y]}
+    # Built by hand, not through PredictResponse: pydantic would cost more than the model for small images.
+    body = {"model": {"name": card.name, "version": card.version, "sha256": card.sha256},
+            "predictions": [{PROBABILITIES: p.tolist(), "label": int(y), "class_name": names[y]}
                             for p, y in zip(answer.probabilities, answer.labels)]}
     headers = {} if answer.remaining is None else {"X-Budget-Remaining": str(answer.remaining)}
     return JSONResponse(body, headers=headers)

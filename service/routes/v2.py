@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from astguard.card import PROBABILITIES
 from service.core import Service
 from service.errors import ClientError, validation_reasons
 from service.routes.deps import ERRORS, caller, get_service
@@ -43,8 +44,8 @@ class InferResponse(BaseModel):
 
 
 def _model(name: str, service: Service) -> None:
-    if name != service.model.card["name"]:
-        raise ClientError(f"unknown model {name!r}; this server serves {service.model.card['name']!r}", 404,
+    if name != service.model.card.name:
+        raise ClientError(f"unknown model {name!r}; this server serves {service.model.card.name!r}", 404,
                           "unknown_model")
 
 
@@ -94,9 +95,9 @@ async def server_metadata():
 async def model_metadata(name: str, identity: str = Depends(caller), service: Service = Depends(get_service)):
     _model(name, service)
     m = service.model
-    return {"name": m.card["name"], "versions": [str(m.card["version"])], "platform": "onnxruntime_onnx",
+    return {"name": m.card.name, "versions": [m.card.version], "platform": "onnxruntime_onnx",
             "inputs": [{"name": m.input_name, "datatype": "FP32", "shape": [-1, m.channels, m.height, m.width]}],
-            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, m.num_classes]}]}
+            "outputs": [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, m.num_classes]}]}
 
 
 @router.get("/models/{name}/ready", tags=["health"], responses=ERRORS)
@@ -120,12 +121,12 @@ async def infer(name: str, http: Request, identity: str = Depends(caller),
     if len(request.inputs) != 1:
         raise ClientError(f"the model takes one input, got {len(request.inputs)}")
     for out in request.outputs or []:
-        if out.name != "probabilities":
-            raise ClientError(f"unknown output {out.name!r}; this server returns 'probabilities' only")
+        if out.name != PROBABILITIES:
+            raise ClientError(f"unknown output {out.name!r}; this server returns {PROBABILITIES!r} only")
     images = tensor_to_images(request.inputs[0], service)
     answer = await service.classify(identity, images)
-    body = {"model_name": name, "model_version": str(service.model.card["version"]), "id": request.id,
-            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": list(answer.probabilities.shape),
+    body = {"model_name": name, "model_version": service.model.card.version, "id": request.id,
+            "outputs": [{"name": PROBABILITIES, "datatype": "FP32", "shape": list(answer.probabilities.shape),
                          "data": answer.probabilities.reshape(-1).tolist()}]}
     headers = {} if answer.remaining is None else {"X-Budget-Remaining": str(answer.remaining)}
     return JSONResponse(body, headers=headers)

@@ -6,7 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from clients.steal import Transfer, main
+from clients.attack.answers import TransferSet as Transfer
+from clients.steal import main
 from conftest import REPO, free_port, serve
 from service.access import key_id
 

@@ -98,7 +98,7 @@ def test_no_defense_modifies_its_input_array(name):
     np.testing.assert_array_equal(probs, MIXED)
 
 
-@pytest.mark.parametrize("name", [n for n, d in DEFENSES.items() if d.keeps_top1 and n != "round"])
+@pytest.mark.parametrize("name", [n for n in DEFENSES if DEFENSES.entry(n).get("keeps_top1") and n != "round"])
 def test_defenses_that_declare_keeps_top1_keep_every_rows_top1(name):
     for probs in BATCHES.values():
         np.testing.assert_array_equal(_defend(name, probs).argmax(1), probs.argmax(1))
@@ -124,8 +124,8 @@ def test_round_keeps_the_top1_unless_rounding_ties_it_at_the_top(decimals):
 
 
 def test_the_declared_keeps_top1_flags_are_the_documented_ones():
-    assert {n for n, d in DEFENSES.items() if d.keeps_top1} == {"none", "topk", "round", "label_only"}
-    assert {n for n, d in DEFENSES.items() if not d.keeps_top1} == {"reverse_sigmoid", "dcp"}
+    assert {n for n in DEFENSES if DEFENSES.entry(n).get("keeps_top1")} == {"none", "topk", "round", "label_only"}
+    assert {n for n in DEFENSES if not DEFENSES.entry(n).get("keeps_top1")} == {"reverse_sigmoid", "dcp"}
 
 
 @pytest.mark.parametrize("name", ["reverse_sigmoid", "dcp"])
@@ -153,7 +153,7 @@ def test_reverse_sigmoid_can_change_the_top1_of_a_low_confidence_row_with_many_c
     assert out[0, 20] > out[0, 0]
     # dcp (tau = 0.9) gates this row in, so it changes it the same way
     np.testing.assert_array_equal(dcp(probs, beta=0.3, gamma=0.5, tau=0.9), out)
-    assert not DEFENSES["reverse_sigmoid"].keeps_top1 and not DEFENSES["dcp"].keeps_top1
+    assert not DEFENSES.entry("reverse_sigmoid").get("keeps_top1") and not DEFENSES.entry("dcp").get("keeps_top1")
 
 
 def test_topk_keeps_the_k_largest_and_renormalises():
@@ -231,8 +231,8 @@ def test_make_defense_rejects_an_unknown_name_listing_the_known_ones():
 
 
 def test_make_defense_binds_only_the_declared_params():
-    for name, d in DEFENSES.items():
-        fn, params = make_defense(name, **SETTINGS, unrelated="ignored")
+    for d in DEFENSES.entries():
+        fn, params = make_defense(d.name, **SETTINGS, unrelated="ignored")
         assert params == {p: SETTINGS[p] for p in d.params}
     fn, params = make_defense("topk", **SETTINGS)
     assert params == {"k": 2}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.models import _MODELS, create_model, list_models
+from training.models import MODELS, create_model, list_models
 
 torch.manual_seed(0)
 
@@ -79,5 +79,5 @@ def test_shufflenetv2_downsamples_32_pixels_to_4_before_pooling():
     ("shufflenetv2", 1.26e6),
 ])
 def test_parameter_counts_match_the_published_architectures(name, expected):
-    count = _params(_MODELS[name](num_classes=10))
+    count = _params(MODELS[name](num_classes=10))
     assert abs(count - expected) / expected < 0.05, f"{name}: {count:,} parameters"

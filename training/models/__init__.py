@@ -1,4 +1,5 @@
-"""Model registry: `create_model("resnet18", num_classes=10)`; a new architecture is one decorated function.
+"""Model registry (MODELS): `create_model("resnet18", num_classes=10)`; a new architecture is one decorated function,
+whose docstring's first line is its summary in --help and the README.
 
 Every model is wrapped in `Normalized`, so it takes [0,1] pixels and the exported ONNX graph carries the
 data set's mean/std: a client never has to know them.
@@ -10,19 +11,19 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+from astguard.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("architecture")
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register `fn(num_classes, in_channels, image_size) -> nn.Module` under its own name."""
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__!r} registered twice")
-    _MODELS[fn.__name__] = fn
-    return fn
+    summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else fn.__name__
+    return MODELS.register(fn.__name__, fn, summary=summary)
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    return sorted(MODELS)
 
 
 class Normalized(nn.Module):
@@ -40,9 +41,7 @@ class Normalized(nn.Module):
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Normalized:
-    if name not in _MODELS:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(list_models())}")
-    body = _MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    body = MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     mean = mean if mean is not None else [0.0] * in_channels
     std = std if std is not None else [1.0] * in_channels
     if len(mean) != in_channels or len(std) != in_channels:

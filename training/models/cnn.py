@@ -12,7 +12,7 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
 
 @register_model
 def cnn5(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-    """3 conv + 2 fc student from Knowledge-Distillation-Pytorch / Nasty Teacher ("Net")."""
+    """The paper's 5-layer student CNN (3 conv + 2 fc, "Net" of Knowledge-Distillation-Pytorch / Nasty Teacher)"""
     side = image_size // 8  # three 2x2 max-pools, each flooring
     if side == 0:
         raise ValueError(f"cnn5 needs image_size >= 8 (three 2x2 max-pools), got {image_size}")
@@ -28,7 +28,7 @@ def cnn5(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Mod
 
 @register_model
 def digits_cnn(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-    """Tiny net for scikit-learn digits; the global pool makes it size-agnostic."""
+    """A small CNN for 8x8 digits; its global pool takes any size"""
     del image_size  # adaptive pooling handles any size >= 2
     return nn.Sequential(
         *_conv_bn_relu(in_channels, 32),

@@ -74,9 +74,11 @@ class ResNet(nn.Module):
 
 @register_model
 def resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """CIFAR-style ResNet-18 (11 M parameters): 3x3 stem, no max-pool; the paper's teacher"""
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels)
 
 
 @register_model
 def resnet50(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """CIFAR-style ResNet-50 (bottleneck blocks): 3x3 stem, no max-pool"""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels)

@@ -69,4 +69,5 @@ class ShuffleNetV2(nn.Module):
 
 @register_model
 def shufflenetv2(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """ShuffleNetV2 1x, stem adapted to 32x32"""
     return ShuffleNetV2(num_classes, in_channels)

@@ -1,6 +1,6 @@
 """results.json -> results.md and the figures. A pure function of the JSON, so a report can be redrawn:
 
-    python -m training.report docs/results/cifar10-cpu
+    python -m evaluation.report docs/results/cifar10-cpu
 """
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ def accuracy_table(results: dict, protocol: str, rows: list[str]) -> list[str]:
     for name in rows:
         t = results["teachers"][name]
         st = results["students"][protocol].get(name)
-        if st is None:
-            lines.append(f"| {name} | {pm(t['accuracy'])} | | " + " | ".join(["n/a: no logits"] * 2 * len(students))
-                         + " |")
+        if st is None:  # a black box has no logits; a serving-time defense only changes what is served
+            kind = results["settings"].get("row_kinds", {}).get(name)
+            why = "n/a: serving-time defense" if kind == "serving-time defense" else "n/a: no logits"
+            lines.append(f"| {name} | {pm(t['accuracy'])} | | " + " | ".join([why] * 2 * len(students)) + " |")
             continue
         change = pm(t["change_from_base"], signed=True) if "change_from_base" in t else ""
         cells = [name, pm(t["accuracy"]), change] + [pm(st[s]["accuracy"]) for s in students] + \
@@ -94,8 +95,8 @@ def markdown(results: dict) -> str:
                 lines += [f"{protocol} protocol:", ""]
                 lines += accuracy_table(results, protocol, [v["row"] for v in variants]) + [""]
     lines += ["## Figures", "",
-              f"![answers](fig2_responses.png)", "", f"![entropy](entropy_histograms.png)", "",
-              f"![trade-off](tradeoff.png)", ""]
+              "![answers](fig2_responses.png)", "", "![entropy](entropy_histograms.png)", "",
+              "![trade-off](tradeoff.png)", ""]
     return "\n".join(lines)
 
 
@@ -168,7 +169,7 @@ def write_report(results: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not (Path(argv[0]) / "results.json").is_file():
-        print("usage: python -m training.report RESULTS_DIR (a folder with results.json)", file=sys.stderr)
+        print("usage: python -m evaluation.report RESULTS_DIR (a folder with results.json)", file=sys.stderr)
         return 2
     out = Path(argv[0])
     write_report(json.loads((out / "results.json").read_text()), out)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from training.stats import answer_statistics, class_entropy, describe, entropy, entropy_histogram, over_seeds, \
+from evaluation.stats import answer_statistics, class_entropy, describe, entropy, entropy_histogram, over_seeds, \
     within_class_kl
 
 PROBS = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])

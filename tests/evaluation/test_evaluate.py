@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import REPO, serve
-from training.evaluate import main
+from evaluation.evaluate import main
 from training.files import exclusive
 
 TEACHERS = ["base", "ast", "nt", "stt", "st"]
@@ -112,13 +112,13 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
 
 
 def test_set_reads_lists_as_astguard_train_does():
-    from training.evaluate import _assignment
+    from evaluation.config import parse_set as _assignment
     assert _assignment("milestones=10,20") == ("milestones", (10, 20))
     assert _assignment("flip=false") == ("flip", False)
 
 
 def test_the_recorded_command_never_holds_the_api_key():
-    from training.evaluate import redact
+    from evaluation.evaluate import redact
     assert redact(["--url", "http://x", "--api-key", "s3cret", "--api-key=other"]) == \
         ["--url", "http://x", "--api-key", "***", "--api-key=***"]
 
@@ -152,7 +152,7 @@ def test_a_student_run_another_job_holds_is_waited_for_then_trained_once(tmp_pat
         (student / name).unlink()
     lock = student.with_name(student.name + ".lock")
     with exclusive(lock):  # another job is training this student
-        proc = subprocess.Popen([sys.executable, "-m", "training.evaluate", *argv, "--out", str(tmp_path / "r1")],
+        proc = subprocess.Popen([sys.executable, "-m", "evaluation", *argv, "--out", str(tmp_path / "r1")],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while not _waiting_on(lock) and proc.poll() is None and time.time() < deadline:

@@ -1,7 +1,7 @@
 """The main job: train an AST teacher on digits (reusing a cached run), serve it and its base model, steal from
 both with the same budget, and print the side-by-side comparison.
 
-    python -m clients.demo [--out runs/demo] [--budget 1000]
+    python -m evaluation.demo [--out runs/demo] [--budget 1000]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def serving(model: Path, budget_db: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m evaluation.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs and reports go")
     p.add_argument("--budget", type=int, default=1000, help="queries the thief may send to each victim")
     p.add_argument("--epochs", type=int, default=15, help="student epochs")

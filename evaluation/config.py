@@ -1,0 +1,213 @@
+"""What an evaluation runs: its typed config, the scales (named data), and the rows of its tables.
+
+A row is a teacher recipe's network (every key of training.teachers.TEACHERS), the Stingy Teacher (`st`: the base
+network answering with its top-k), a serving-time output defense on the base network (any key of
+service.defenses.DEFENSES but `none`), an ablation's AST variant, or a live endpoint (`--url`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from astguard.cli import option, parse_assignment, parse_names, parse_value
+from service.defenses import DEFENSES
+from training.config import PRESETS, Config
+from training.data import Dataset
+from training.distill import LABEL_MODES
+from training.teachers import TEACHERS
+
+PROTOCOLS = ("paper", "query")
+STINGY = "st"  # the base network, answering with its top-k
+ENDPOINT = "endpoint"  # the row of a live service given by --url: query protocol only (a black box has no logits)
+KD_ALPHA = 0.9  # knowledge distillation of the paper's protocol: alpha 0.9, T 4 on CIFAR-10 and 20 on CIFAR-100
+
+
+def kd_temperature(num_classes: int) -> float:
+    return 4.0 if num_classes <= 10 else 20.0
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big an evaluation is: overrides of the preset for the teachers, and the students' budget."""
+    summary: str
+    teacher: dict = field(default_factory=dict)
+    student: dict = field(default_factory=dict)  # the students' optimisation, where it differs from the teachers'
+    student_epochs: int | None = None  # None: the teacher's epochs
+    query_size: int | None = None  # None: every held-out training image
+
+
+SCALES: dict[str, Scale] = {
+    "smoke": Scale("seconds, for tests", dict(epochs=4, limit_train=600, limit_test=300, pgd_steps=5,
+                                              pgd_step=0.06), student_epochs=2, query_size=600),
+    # 2 CPU cores, CIFAR-10: about 20 minutes of teachers, then 10 a student seed (docs/results/cifar10-cpu/README.md).
+    # ResNet-20 needs its 30 epochs to beat a cnn5 trained alone on the same 4,000 images (12 did not).
+    "cpu": Scale("CIFAR-10 on 2 CPU cores: ResNet-20 teachers on 4,000 images, cnn5 students, under an hour "
+                 "with --teacher-seed 0 --seeds 2",
+                 dict(arch="resnet20", epochs=30, limit_train=4000, limit_test=2000, schedule="cosine",
+                      milestones=(), lr=0.1, pgd_steps=10, pgd_step=0.03),
+                 student=dict(lr=0.05), student_epochs=10, query_size=4000),
+    "paper": Scale("the paper's presets: full training set, 160/200 epochs; for a GPU"),
+}
+
+
+def default_preset(dataset: Dataset) -> str:
+    if dataset.name == "digits":
+        return "digits"
+    by_classes = {10: "cifar10-resnet18", 100: "cifar100-resnet18"}
+    if dataset.num_classes not in by_classes:
+        raise ValueError(f"{dataset.name} has {dataset.num_classes} classes; pass --preset "
+                         f"({', '.join(PRESETS)})")
+    return by_classes[dataset.num_classes]
+
+
+def serving_defenses() -> list[str]:
+    """The output defenses an evaluation row can be: every registered one but `none` (that is the base row)."""
+    return [d for d in DEFENSES if d != "none"]
+
+
+def row_names() -> list[str]:
+    return [*TEACHERS, STINGY, *serving_defenses()]
+
+
+# ---------------------------------------------------------------- parsing options
+
+def parse_seeds(text: str) -> list[int]:
+    """`3` -> seeds 0, 1, 2; `0,3,7` -> those."""
+    try:
+        if "," in text:
+            return [int(v) for v in text.split(",")]
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"expected a count or a list of seeds, got {text!r}") from None
+    if n < 1:
+        raise ValueError("--seeds must be at least 1")
+    return list(range(n))
+
+
+SWEEPABLE = tuple(p for p in TEACHERS.entry("ast").params if p != "top_k") + ("sparse_ratio",)
+
+
+def parse_sweep(text: str) -> tuple[str, tuple]:
+    """`alpha=0.03,0.035` -> ("alpha", (0.03, 0.035)); the field must be an AST hyperparameter."""
+    name, sep, values = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or name not in SWEEPABLE or not values.strip():
+        raise ValueError(f"--sweep takes FIELD=V1,V2,... with FIELD one of {', '.join(SWEEPABLE)}; got {text!r}")
+    return name, tuple(parse_value(Config, name, v.strip()) for v in values.split(",") if v.strip())
+
+
+FIXED = ("dataset", "data_root", "seed", "teacher")  # set by --dataset, --data-root, --seeds and --teachers
+
+
+def parse_set(text: str) -> tuple[str, object]:
+    return parse_assignment(Config, text, forbidden=FIXED)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    out: Path = option(help="results folder: results.json, results.md, figures")
+    dataset: str = option("digits", "data set spec (digits, cifar10, cifar100, an ImageFolder dir/.zip)")
+    data_root: str = option("data", "where cifar10/cifar100 live in torchvision's format")
+    teachers: list[str] = option([*TEACHERS, STINGY], "teacher rows: every teacher recipe, st, or an output defense "
+                                 "on the base network (listed below); default: every teacher recipe and st",
+                                 parse=parse_names)
+    students: list[str] = option(["cnn5"], "student architectures")
+    scale: str = option("smoke", "how big (listed below)", choices=tuple(SCALES))
+    seeds: list[int] = option([0], "a count N (seeds 0..N-1) or a list 0,3,7", parse=parse_seeds)
+    teacher_seed: int | None = option(None, "train the teachers once, with this seed, for every student seed "
+                                            "(default: each seed trains its own teachers)")
+    protocols: list[str] = option(list(PROTOCOLS), "paper, query or both")
+    sweep: list[tuple] = option([], "an ablation of one AST hyperparameter (alpha, temperature, sparse_ratio, "
+                                "divergence...); repeatable", parse=parse_sweep, append=True, metavar="FIELD=V1,V2")
+    set: list[tuple] = option([], "override a training option of the scale and preset (e.g. alpha=0.1); repeatable",
+                              parse=parse_set, append=True, metavar="FIELD=VALUE")
+    preset: str | None = option(None, "training preset (default: by data set)", choices=tuple(PRESETS))
+    student_epochs: int | None = option(None, "student epochs (default: the scale's)")
+    kd_temperature: float | None = option(None, "distillation temperature (default: 4 for 10 classes, else 20)")
+    kd_alpha: float = option(KD_ALPHA, "paper protocol's KD weight")
+    label_mode: str = option("soft", "query protocol's student targets (registry key)", choices=tuple(LABEL_MODES))
+    url: str | None = option(None, "also evaluate a live astguard service (query protocol; its answers are paid "
+                                   "for once)")
+    api_key: str | None = option(None, "API key for --url")
+    work_dir: Path = option(Path("runs/evaluate"), "models and caches")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    jobs: int = option(1, "run independent teachers and student groups in this many processes, over every GPU "
+                          "(or sharing the CPU cores)")
+    progress: bool = option(True, "progress bars")
+    argv: tuple[str, ...] = option((), cli=False)  # the command line, as recorded in the results (key redacted)
+
+    def check(self) -> None:
+        """Reject option values that cannot work, naming the option (before anything is trained)."""
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad:
+            raise ValueError(f"unknown protocol {bad[0]!r}; use {', '.join(PROTOCOLS)}")
+        checks = [
+            (self.student_epochs is None or self.student_epochs >= 1, "--student-epochs must be at least 1"),
+            (self.kd_temperature is None or self.kd_temperature > 0,
+             f"--kd-temperature must be positive, got {self.kd_temperature}"),
+            (len(set(self.seeds)) == len(self.seeds), f"--seeds repeats a seed: {self.seeds}"),
+            (len({n for n, _ in self.sweep}) == len(self.sweep),
+             "--sweep names a field twice; give all its values in one --sweep"),
+            (self.jobs >= 1, f"--jobs must be at least 1, got {self.jobs}"),
+            (0 <= self.kd_alpha <= 1, f"--kd-alpha must be in [0, 1], got {self.kd_alpha}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(EvalConfig)]
+
+
+# ---------------------------------------------------------------- rows
+
+@dataclass(frozen=True)
+class Row:
+    """One teacher row of the tables: a trained network, maybe behind an output defense."""
+    name: str
+    network: str  # a TEACHERS key, or ENDPOINT
+    overrides: tuple = ()  # (field, value) pairs of Config: an ablation's variant
+    top_k: int | None = None  # Stingy Teacher: white-box students see the top-k logits only
+    defense: str | None = None  # the output defense its served answers pass through (query protocol)
+    defense_params: tuple = ()  # (param, value) pairs
+    sweep: tuple | None = None  # (field, value) when the row belongs to a sweep
+
+    @property
+    def kind(self) -> str:
+        if self.network == ENDPOINT:
+            return "endpoint"
+        if self.top_k is not None:
+            return "stingy"
+        return "serving-time defense" if self.defense else "teacher"
+
+    @property
+    def white_box(self) -> bool:
+        """Whether the paper protocol (KD from logits) applies: not to a black box or a serving-time defense."""
+        return self.kind in ("teacher", "stingy")
+
+
+def build_rows(teachers: list[str], sweeps: list[tuple[str, tuple]], top_k: int) -> list[Row]:
+    rows = []
+    for t in teachers:
+        if t == STINGY:
+            rows.append(Row(STINGY, "base", top_k=top_k, defense="topk", defense_params=(("k", top_k),)))
+        elif t in TEACHERS:
+            rows.append(Row(t, t))
+        elif t in serving_defenses():
+            rows.append(Row(t, "base", defense=t, defense_params=tuple(defense_defaults(t).items())))
+        else:
+            raise ValueError(f"unknown teacher {t!r}; known: {', '.join(row_names())}")
+    for name, values in sweeps:
+        for v in values:
+            # A preset's explicit top_k would override the ratio being swept.
+            overrides = ((name, v), ("top_k", None)) if name == "sparse_ratio" else ((name, v),)
+            rows.append(Row(f"ast {name}={v}", "ast", overrides, sweep=(name, v)))
+    return rows
+
+
+def defense_defaults(name: str) -> dict:
+    """A defense's parameters as the service starts with them (service.config.Settings' defaults)."""
+    from service.config import Settings  # pydantic-settings: the serve extra, which the query protocol needs anyway
+
+    return {p: Settings.model_fields[f"defense_{p}"].default for p in DEFENSES.entry(name).params}
