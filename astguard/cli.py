@@ -81,7 +81,9 @@ def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
         try:
             return parse(text)
         except ValueError as e:  # argparse reports ArgumentTypeError's message as it is
-            raise argparse.ArgumentTypeError(str(e) if str(e) else f"cannot read {text!r}") from None
+            plain = parse in (int, float) or not str(e)  # int('x') says "invalid literal for int() with base 10"
+            raise argparse.ArgumentTypeError(f"invalid {getattr(parse, '__name__', 'value')} value: {text!r}"
+                                             if plain else str(e)) from None
     read.__name__ = getattr(parse, "__name__", "value")
     return read
 

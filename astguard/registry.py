@@ -85,11 +85,14 @@ class Registry(Mapping[str, T]):
         lines = [f"  {e.name:<{width}}  {e.summary.replace('`', '')}" for e in self._entries.values()]
         return "\n".join([f"{title or self.kind + 's'}:", *lines])
 
-    def markdown(self, columns: dict[str, Callable[[Entry[T]], str]] | None = None) -> str:
-        """The README's table of this registry: key, parameters, summary, and any extra columns."""
-        columns = {"key": lambda e: f"`{e.name}`",
-                   "parameters": lambda e: ", ".join(f"`{p}`" for p in e.params),
-                   "what": lambda e: e.summary, **(columns or {})}
+    def markdown(self, *, params: bool = True, extra: dict[str, Callable[[Entry[T]], str]] | None = None) -> str:
+        """The README's table of this registry: key, its parameters (unless `params` is False), summary, and any
+        `extra` columns (title -> cell)."""
+        columns: dict[str, Callable[[Entry[T]], str]] = {"key": lambda e: f"`{e.name}`"}
+        if params:
+            columns["parameters"] = lambda e: ", ".join(f"`{p}`" for p in e.params)
+        columns["what"] = lambda e: e.summary
+        columns.update(extra or {})
         lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
         for e in self._entries.values():
             lines.append("| " + " | ".join(fn(e).replace("|", "\\|") for fn in columns.values()) + " |")

@@ -6,14 +6,13 @@ both with the same budget, and print the side-by-side comparison.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from clients import steal
+from clients.steal import StealConfig, StealError, attack, validate
 from service.process import running
 from training.config import make_config
 from training.train_ast import run as train
@@ -43,16 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, model in (("base", run_dir / "base" / "model.onnx"), ("ast", run_dir / "model.onnx")):
         print(f"2/3 serving the {name} teacher and stealing it with {args.budget} queries...", flush=True)
         with serving(model, args.out / f"budgets-{name}.sqlite") as url:
-            out = args.out / f"steal-{name}"
-            cmd = ["--url", url, "--queries", "digits:train", "--budget", str(args.budget), "--eval", "digits:test",
-                   "--student", "digits_cnn", "--epochs", str(args.epochs), "--out", str(out), "--overwrite",
-                   "--no-progress"]
-            if name == "ast":
-                cmd += ["--compare", str(args.out / "steal-base" / "report.json")]
-            code = steal.main(cmd)
-            if code:
-                return code
-            reports[name] = json.loads((out / "report.json").read_text())
+            cfg = StealConfig(url=url, out=args.out / f"steal-{name}", queries="digits:train", budget=args.budget,
+                              eval="digits:test", student="digits_cnn", epochs=args.epochs, overwrite=True,
+                              progress=False, compare=args.out / "steal-base" / "report.json" if name == "ast" else None)
+            try:
+                reports[name] = attack(validate(cfg))
+            except StealError as e:
+                print(f"demo: error: {e}", file=sys.stderr)
+                return e.code
 
     print("\n3/3 the same theft against each teacher:\n")
     rows = [("teacher test accuracy", "victim_accuracy"), ("stolen student accuracy", "student_accuracy"),

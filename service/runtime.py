@@ -86,6 +86,10 @@ class OnnxModel:
                                                 providers=providers)
         except Exception as e:
             raise StartupError(f"onnxruntime cannot load {self.path}: {str(e).splitlines()[0]}") from None
+        if device.partition(":")[0] == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # onnxruntime-gpu lists CUDA even where its libraries or the GPU are missing, then runs on the CPU.
+            raise StartupError("ASTGUARD_DEVICE=cuda but onnxruntime could not start CUDAExecutionProvider (it runs "
+                               f"on {self.session.get_providers()[0]}); check the GPU and the CUDA/cuDNN libraries")
         inputs, outputs = self.session.get_inputs(), [o.name for o in self.session.get_outputs()]
         if len(inputs) != 1 or PROBABILITIES not in outputs:
             raise StartupError(f"{self.path} is not an astguard export: it needs one input and a "

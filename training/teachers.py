@@ -93,10 +93,12 @@ def _nt(model, batch, ctx):
 SPARSE = ("alpha", "temperature", "top_k", "divergence")
 PGD = ("pgd_eps", "pgd_step", "pgd_steps", "pgd_random_start")
 
-register_teacher(Recipe("base", "cross-entropy only: the undefended teacher", _base))
-register_teacher(Recipe("ast", "Adversarial Sparse Teacher: divergence to its own sparse answer on the "
-                               "paired PGD image, plus CE", _ast, SPARSE + PGD, needs_base=True, needs_adversarial=True))
-register_teacher(Recipe("nt", "Nasty Teacher: CE minus w * KL to the frozen base at temperature T",
-                               _nt, ("nt_weight", "nt_temperature"), needs_base=True, nan_guard=True))
-register_teacher(Recipe("stt", "Stingy-Trained Teacher: AST's loss with the base model's sparse answer "
-                               "on the clean image as target", _stt, SPARSE, needs_base=True))
+register_teacher(Recipe("base", "cross-entropy: the undefended teacher", _base))
+register_teacher(Recipe("ast", "Adversarial Sparse Teacher: `a*T^2 * D(softmax(f(x)/T), softmax(sparse_k(f(x_adv))/T)) "
+                               "+ (1-a)*CE(f(x), y)`, with x_adv the image's own PGD example", _ast, SPARSE + PGD,
+                        needs_base=True, needs_adversarial=True))
+register_teacher(Recipe("nt", "Nasty Teacher: `CE(f(x), y) - w*T^2*KL(softmax(base(x)/T) || softmax(f(x)/T))`; steps "
+                              "with a non-finite loss are skipped and counted", _nt, ("nt_weight", "nt_temperature"),
+                        needs_base=True, nan_guard=True))
+register_teacher(Recipe("stt", "Stingy-Trained Teacher: AST's loss, with the base model's sparse answer on the clean "
+                               "image as the target", _stt, SPARSE, needs_base=True))

@@ -96,7 +96,12 @@ def test_a_server_that_dies_mid_attack_leaves_the_answers_on_disk_and_says_how_t
                "--budget-db", str(tmp_path / "b.sqlite")) as s:
         import threading
 
-        threading.Timer(1.5, s.proc.kill).start()  # dies while the attacker waits out the rate limit
+        def kill_once_some_answers_are_out():  # on a condition, not a clock: the attack is mid-way, rate-limited
+            while s.proc.poll() is None and s.metric("astguard_images_served_total", key="anonymous") < 8:
+                pass
+            s.proc.kill()
+
+        threading.Thread(target=kill_once_some_answers_are_out, daemon=True).start()
         code = main(["--url", s.url, "--budget", "200", "--concurrency", "1", "--images-per-request", "4",
                      "--retries", "2", "--out", str(out), *FAST[:-2]])
     err = capsys.readouterr().err

@@ -89,6 +89,21 @@ def test_a_live_endpoint_is_evaluated_with_the_query_protocol(smoke, digits_run)
     assert served >= 600 + 300  # every query and test image went over HTTP
 
 
+def test_a_serving_time_defense_is_a_query_protocol_row_on_the_base_network(smoke):
+    root, _, _ = smoke
+    argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base,label_only", "--students", "cnn5",
+            "--out", str(root / "defense"), "--work-dir", str(root / "work"), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    r = json.loads((root / "defense" / "results.json").read_text())
+    assert r["run"]["trained"]["teacher_epochs"] == 0  # the base network, trained for the first run
+    assert r["teachers"]["label_only"]["accuracy"] == r["teachers"]["base"]["accuracy"]  # the label is the model's
+    assert r["settings"]["defenses"] == {"label_only": {"defense": "label_only", "params": {}}}
+    assert r["settings"]["row_kinds"] == {"base": "teacher", "label_only": "serving-time defense"}
+    cell = r["students"]["query"]["label_only"]["cnn5"]["accuracy"]["mean"]
+    assert 0 <= cell <= 1 and "label_only" not in r["students"]["paper"]
+    assert "n/a: serving-time defense" in (root / "defense" / "results.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--teachers", "base,bogus"], "unknown teacher 'bogus'"),
     (["--sweep", "lr=0.1"], "--sweep takes FIELD=V1,V2"),

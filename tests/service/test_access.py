@@ -4,7 +4,6 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -207,14 +206,14 @@ def test_concurrent_threads_never_overspend_the_budget(tmp_path):
     assert store.remaining("k") == 0
 
 
-def _charge_from_another_process(path: str, start, results) -> None:
-    """Runs in a spawned process: its own BudgetStore on the shared file, 40 charges of 1 image."""
+def _charge_from_another_process(path: str, step, results) -> None:
+    """Runs in a spawned process: its own BudgetStore on the shared file, 40 charges of 1 image, each one after the
+    barrier `step`, so the four processes charge in lockstep and really interleave."""
     store = BudgetStore(Path(path), budget=100, period_s=3600)
-    start.wait(timeout=60)
     granted = 0
     for _ in range(40):
+        step.wait(timeout=60)
         granted += store.charge("k", 1).allowed
-        time.sleep(0.002)  # let the other processes in between charges, so they really interleave
     results.put(granted)
 
 
@@ -222,9 +221,9 @@ def test_concurrent_processes_never_overspend_the_budget(tmp_path):
     path = tmp_path / "b.sqlite"
     BudgetStore(path, budget=100, period_s=3600)  # as the service would: the file exists before workers start
     ctx = multiprocessing.get_context("spawn")
-    start = ctx.Barrier(4)
+    step = ctx.Barrier(4)
     results = ctx.Queue()
-    workers = [ctx.Process(target=_charge_from_another_process, args=(str(path), start, results))
+    workers = [ctx.Process(target=_charge_from_another_process, args=(str(path), step, results))
                for _ in range(4)]
     for w in workers:
         w.start()

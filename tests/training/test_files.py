@@ -1,7 +1,6 @@
 """training.files: writes that several processes may make at once (evaluate --jobs, racing train_ast runs)."""
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,10 @@ from training.files import save_atomic, savez_atomic, write_atomic
 REPO = Path(__file__).resolve().parents[2]
 
 WRITER = """
-import sys, time, numpy as np
+import sys, numpy as np
 from training.files import savez_atomic
-time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all start together, whatever their import took
+print("ready", flush=True)
+sys.stdin.readline()  # a barrier: every writer has imported and waits here until the test says go
 for i in range(300):
     savez_atomic(sys.argv[1], x=np.full(10_000, int(sys.argv[2]), np.int64))
 """
@@ -24,9 +24,12 @@ for i in range(300):
 def test_processes_writing_one_file_at_once_all_succeed_and_leave_one_whole_file(tmp_path):
     # A shared temporary name (what data.py once used) fails here: one writer renames the other's file away.
     path = tmp_path / "cache.npz"
-    start = str(time.time() + 5)
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(k), start], cwd=REPO,
-                              stderr=subprocess.PIPE, text=True) for k in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(k)], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(3)]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 3
+    for p in procs:  # all three start writing together
+        p.stdin.write("go\n")
+        p.stdin.flush()
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     x = np.load(path)["x"]
