@@ -1,1 +1,1 @@
-"""astguard.clients: the user client and the model-stealing attacker (issue 4)."""
+"""clients: the user client (client.py) and the model-stealing attacker (steal.py, attack/)."""

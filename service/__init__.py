@@ -1,1 +1,1 @@
-"""astguard.service: serves defended probabilities from an ONNX teacher over HTTP (issue 3)."""
+"""service: serves defended probabilities from an ONNX teacher over HTTP; no torch."""

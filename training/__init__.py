@@ -1,1 +1,1 @@
-"""astguard.training: data -> teacher (base, AST, NT, STT) -> verified ONNX export."""
+"""training: data -> teacher (every recipe in training.teachers) -> verified ONNX export and model card."""

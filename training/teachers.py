@@ -11,16 +11,18 @@ distillation or serving time, and needs no training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from astguard.registry import Registry
-from training.config import Config
 from training.data import Batch
 from training.losses import ast_loss, nasty_loss
+
+if TYPE_CHECKING:  # config.validate looks recipes up here: a run-time import back would make a circle
+    from training.config import Config
 
 
 @dataclass
