@@ -77,12 +77,12 @@ class TeacherInfo:
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
-    spec: str
-    train_size: int
-    test_size: int
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    spec: str | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    num_classes: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,10 @@ class ModelCard:
                             "hyperparameters": dict(self.teacher.hyperparameters)}
         if self.dataset is not None:
             ds = self.dataset
-            d["dataset"] = {"name": ds.name, "spec": ds.spec, "train_size": ds.train_size,
-                            "test_size": ds.test_size, "num_classes": ds.num_classes, "mean": list(ds.mean),
-                            "std": list(ds.std)}
+            full = {"name": ds.name, "spec": ds.spec, "train_size": ds.train_size, "test_size": ds.test_size,
+                    "num_classes": ds.num_classes, "mean": list(ds.mean) if ds.mean is not None else None,
+                    "std": list(ds.std) if ds.std is not None else None}
+            d["dataset"] = {k: v for k, v in full.items() if v is not None}  # what a hand-written card gave
         for key in ("accuracy", "training"):
             if getattr(self, key):
                 d[key] = dict(getattr(self, key))
@@ -148,43 +149,34 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: Any) -> "ModelCard":
-        """A validated card; CardError names the first bad field."""
+        """A validated card; CardError names the first bad field (`input.shape`, `teacher.type`...)."""
         if not isinstance(d, dict):
             raise CardError(f"a model card is a JSON object, not {type(d).__name__}")
         known = {"card_version", "created", "name", "version", "class_names", "teacher", "dataset", "accuracy",
                  "training", "file", "sha256", "input", "outputs", "opset", "verification", "software"}
-        try:
-            version = _get(d, "card_version", int, CARD_VERSION)
-            if version > CARD_VERSION:
-                raise CardError(f"card_version {version} is newer than this astguard reads ({CARD_VERSION}); "
-                                "upgrade astguard")
-            class_names = _get(d, "class_names", list)
-            if not class_names or not all(isinstance(c, str) for c in class_names):
-                raise CardError("class_names: must be a non-empty list of strings")
-            sha = _get(d, "sha256", str)
-            if not re.fullmatch(r"[0-9a-f]{64}", sha):
-                raise CardError("sha256: must be 64 lowercase hex digits")
-            card = cls(
-                name=_nonempty(_get(d, "name", str), "name"),
-                version=str(_get(d, "version", (str, int))),
-                class_names=tuple(class_names),
-                input=_input(_get(d, "input", dict)),
-                sha256=sha,
-                outputs=tuple(_output(o, i) for i, o in enumerate(_get(d, "outputs", list, []))),
-                file=_get(d, "file", str, "model.onnx"),
-                teacher=_teacher(_get(d, "teacher", dict, None)),
-                dataset=_dataset(_get(d, "dataset", dict, None)),
-                accuracy=_get(d, "accuracy", dict, {}),
-                training=_get(d, "training", dict, {}),
-                opset=_get(d, "opset", int, None),
-                verification=_get(d, "verification", dict, {}),
-                software=_get(d, "software", dict, {}),
-                created=_get(d, "created", str, ""),
-                card_version=version,
-                extra={k: v for k, v in d.items() if k not in known},
-            )
-        except (KeyError, TypeError) as e:
-            raise CardError(str(e).strip("'\"")) from None
+        version = _get(d, "card_version", int, CARD_VERSION)
+        if version > CARD_VERSION:
+            raise CardError(f"card_version {version} is newer than this astguard reads ({CARD_VERSION}); "
+                            "upgrade astguard")
+        class_names = _get(d, "class_names", list)
+        if not class_names or not all(isinstance(c, str) for c in class_names):
+            raise CardError("class_names: must be a non-empty list of strings")
+        sha = _get(d, "sha256", str)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise CardError("sha256: must be 64 lowercase hex digits")
+        name = _get(d, "name", str)
+        if not name.strip():
+            raise CardError("name: must not be empty")
+        card = cls(
+            name=name, version=str(_get(d, "version", (str, int))), class_names=tuple(class_names),
+            input=_input(_get(d, "input", dict)), sha256=sha,
+            outputs=tuple(_output(o, f"outputs.{i}.") for i, o in enumerate(_get(d, "outputs", list, []))),
+            file=_get(d, "file", str, "model.onnx"),
+            teacher=_teacher(_get(d, "teacher", dict, None)), dataset=_dataset(_get(d, "dataset", dict, None)),
+            accuracy=_get(d, "accuracy", dict, {}), training=_get(d, "training", dict, {}),
+            opset=_get(d, "opset", int, None), verification=_get(d, "verification", dict, {}),
+            software=_get(d, "software", dict, {}), created=_get(d, "created", str, ""), card_version=version,
+            extra={k: v for k, v in d.items() if k not in known})
         probs = next((o for o in card.outputs if o.name == PROBABILITIES), None)
         if probs is None:
             raise CardError(f"outputs: no {PROBABILITIES!r} output")
@@ -197,62 +189,71 @@ class ModelCard:
 _MISSING = object()
 
 
-def _get(d: dict, key: str, kind, default: Any = _MISSING) -> Any:
+def _get(d: dict, key: str, kind, default: Any = _MISSING, where: str = "") -> Any:
+    """d[key], of type `kind`; absent (or null, where there is a default): the default. `where` prefixes the field
+    name in errors (`input.`)."""
     if key not in d or (d[key] is None and default is not _MISSING):
         if default is _MISSING:
-            raise KeyError(f"{key}: missing")
+            raise CardError(f"{where}{key}: missing")
         return default
     value = d[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, (str, int)):
-        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise TypeError(f"{key}: expected {names}, got {type(value).__name__}")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds and
+                                       any(k in (int, float) for k in kinds)):
+        names = "/".join(k.__name__ for k in kinds)
+        raise CardError(f"{where}{key}: expected {names}, got {type(value).__name__}")
     return value
 
 
-def _nonempty(text: str, key: str) -> str:
-    if not text.strip():
-        raise TypeError(f"{key}: must not be empty")
-    return text
-
-
-def _ints(values: Any, key: str, n: int) -> tuple[int, ...]:
-    if not isinstance(values, list) or len(values) != n or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise TypeError(f"{key}: expected {n} integers")
+def _numbers(d: dict, key: str, n: int | None, where: str, kind=int, default: Any = _MISSING) -> tuple | None:
+    """d[key] as a tuple of n integers (or numbers, with kind=float); n None: any length."""
+    if default is not _MISSING and d.get(key) is None:
+        return None if default is None else tuple(default)
+    values = _get(d, key, list, where=where)
+    kinds = (int,) if kind is int else (int, float)
+    if (n is not None and len(values) != n) or not all(isinstance(v, kinds) and not isinstance(v, bool)
+                                                       for v in values):
+        what = "integers" if kind is int else "numbers"
+        raise CardError(f"{where}{key}: expected {n if n is not None else 'a list of'} {what}")
     return tuple(values)
 
 
 def _input(d: dict) -> InputSpec:
-    shape = _ints(d.get("shape"), "input.shape", 4)
+    shape = _numbers(d, "shape", 4, "input.")
     if shape[1] not in COLOR_MODES or shape[2] < 1 or shape[3] < 1:
-        raise TypeError(f"input.shape: expected [N, C, H, W] with C 1 or 3 and H, W >= 1, got {list(shape)}")
-    mode = _get(d, "color_mode", str, "")
+        raise CardError(f"input.shape: expected [N, C, H, W] with C 1 or 3 and H, W >= 1, got {list(shape)}")
+    mode = _get(d, "color_mode", str, "", "input.")
     if mode and mode != COLOR_MODES[shape[1]]:
-        raise TypeError(f"input.color_mode: {mode!r} does not fit {shape[1]} channels")
-    value_range = d.get("value_range", [0.0, 1.0])
-    return InputSpec(shape, _get(d, "name", str, INPUT_NAME), _get(d, "dtype", str, "float32"),
-                     _get(d, "layout", str, "NCHW"), mode, tuple(value_range))
+        raise CardError(f"input.color_mode: {mode!r} does not fit {shape[1]} channels")
+    value_range = _numbers(d, "value_range", 2, "input.", kind=float, default=[0.0, 1.0])
+    return InputSpec(shape, _get(d, "name", str, INPUT_NAME, "input."), _get(d, "dtype", str, "float32", "input."),
+                     _get(d, "layout", str, "NCHW", "input."), mode, value_range)
 
 
-def _output(d: Any, i: int) -> OutputSpec:
+def _output(d: Any, where: str) -> OutputSpec:
     if not isinstance(d, dict):
-        raise TypeError(f"outputs.{i}: expected an object")
-    return OutputSpec(_get(d, "name", str), _ints(d.get("shape"), f"outputs.{i}.shape", 2),
-                      _get(d, "dtype", str, "float32"))
+        raise CardError(f"{where.rstrip('.')}: expected an object")
+    return OutputSpec(_get(d, "name", str, where=where), _numbers(d, "shape", 2, where),
+                      _get(d, "dtype", str, "float32", where))
 
 
 def _teacher(d: dict | None) -> TeacherInfo | None:
     if d is None:
         return None
-    return TeacherInfo(_get(d, "type", str), _get(d, "summary", str, ""), _get(d, "hyperparameters", dict, {}))
+    w = "teacher."
+    return TeacherInfo(_get(d, "type", str, where=w), _get(d, "summary", str, "", w),
+                       _get(d, "hyperparameters", dict, {}, w))
 
 
 def _dataset(d: dict | None) -> DatasetInfo | None:
+    """What the teacher was trained on; only its name is required (hand-written cards may know no more)."""
     if d is None:
         return None
-    return DatasetInfo(_get(d, "name", str), _get(d, "spec", str), _get(d, "train_size", int),
-                       _get(d, "test_size", int), _get(d, "num_classes", int), tuple(_get(d, "mean", list)),
-                       tuple(_get(d, "std", list)))
+    w = "dataset."
+    return DatasetInfo(_get(d, "name", str, where=w), _get(d, "spec", str, None, w),
+                       _get(d, "train_size", int, None, w), _get(d, "test_size", int, None, w),
+                       _get(d, "num_classes", int, None, w), _numbers(d, "mean", None, w, float, None),
+                       _numbers(d, "std", None, w, float, None))
 
 
 def card_candidates(onnx_path: str | Path) -> list[Path]:

@@ -13,6 +13,7 @@ argparse.Namespace.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -27,11 +28,12 @@ class Parser(argparse.ArgumentParser):
 
 def option(default: Any = MISSING, help: str = "", *, parse: Callable[[str], Any] | None = None,
            choices: tuple | None = None, flag: str | None = None, metavar: str | None = None,
-           append: bool = False, cli: bool = True) -> Any:
+           append: bool = False, cli: bool = True, shown: str | None = None) -> Any:
     """A dataclass field that is also a command-line option. `parse` reads one value (default: by the field's
-    type); `append` makes a repeatable option collecting a list; `cli=False` keeps the field off the command line."""
+    type); `append` makes a repeatable option collecting a list; `cli=False` keeps the field off the command line;
+    `shown` is the default as --help writes it, where the value itself would mislead."""
     meta = {"help": help, "parse": parse, "choices": choices, "flag": flag, "metavar": metavar, "append": append,
-            "cli": cli}
+            "cli": cli, "shown": shown}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -111,7 +113,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, defer_defaults: bool = 
         m = f.metadata
         flag = m.get("flag") or "--" + f.name.replace("_", "-")
         default = _default(f)
-        shown = "" if default is MISSING or default is None or default == [] else f" (default: {_show(default)})"
+        shown = m.get("shown") or ("" if default is MISSING or default is None or default == [] else _show(default))
+        shown = f" (default: {shown})" if shown else ""
         kw: dict[str, Any] = {"help": (m.get("help") or "") + shown, "dest": f.name}
         if m.get("metavar"):
             kw["metavar"] = m["metavar"]
@@ -165,3 +168,20 @@ def parse_assignment(cls, text: str, *, option_name: str = "--set", forbidden: t
         other = f" other than {', '.join(forbidden)}" if forbidden else ""
         raise ValueError(f"{option_name} takes FIELD=VALUE with FIELD a training option{other}; got {text!r}")
     return name, parse_value(cls, name, value.strip())
+
+
+OUR_PACKAGES = ("astguard", "training", "service", "clients", "evaluation")
+
+
+def launch(prog: str, extra: str, load: Callable[[], Callable[[], int]]) -> int:
+    """A console script's entry: `load()` imports the command's main and returns it. A third-party package that is
+    not installed (the command's extra was not) is one line naming the extra, not a traceback."""
+    try:
+        main = load()
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] in OUR_PACKAGES:
+            raise
+        print(f"{prog}: error: {e.name} is not installed; this command needs pip install 'astguard[{extra}]'",
+              file=sys.stderr)
+        return 2
+    return main()

@@ -73,16 +73,14 @@ class Registry(Mapping[str, T]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def names(self) -> list[str]:
-        return list(self._entries)
-
     def entries(self) -> list[Entry[T]]:
         return list(self._entries.values())
 
-    def help(self, title: str | None = None) -> str:
+    def help(self, title: str | None = None, skip: tuple[str, ...] = ()) -> str:
         """A titled list, one entry per line with its summary: for a CLI's --help epilog (raw formatting)."""
-        width = max((len(n) for n in self._entries), default=0)
-        lines = [f"  {e.name:<{width}}  {e.summary.replace('`', '')}" for e in self._entries.values()]
+        shown = [e for e in self._entries.values() if e.name not in skip]
+        width = max((len(e.name) for e in shown), default=0)
+        lines = [f"  {e.name:<{width}}  {e.summary.replace('`', '')}" for e in shown]
         return "\n".join([f"{title or self.kind + 's'}:", *lines])
 
     def markdown(self, *, params: bool = True, extra: dict[str, Callable[[Entry[T]], str]] | None = None) -> str:

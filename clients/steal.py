@@ -131,6 +131,8 @@ async def _bought(cfg: StealConfig) -> tuple:
                                      f"{cfg.out / TRANSFER}: rerun the same command with --resume to continue, or "
                                      "with --reuse to train on what was saved", 3) from None
             newly = 0 if cfg.reuse else asked - int((~transfer.answered).sum())
+            if not transfer.answered.any():  # before buying the evaluation set with what is left
+                raise StealError("the victim answered no queries (its budget for this key may be spent already)")
             # Evaluation set: the attacker's own labelled data, resized to the victim's input.
             test, victim_eval = None, None
             if cfg.eval:
@@ -163,8 +165,6 @@ def attack(cfg: StealConfig) -> dict:
     device = resolve_device(cfg.device)
     victim, transfer, stop_reason, query_s, newly, test, victim_eval = asyncio.run(_bought(cfg))
     card = victim.card
-    if not transfer.answered.any():
-        raise StealError("the victim answered no queries (its budget for this key may be spent already)")
     images, probs, labels = transfer.bought()
 
     spec, progress = cfg.student_spec, cfg.progress

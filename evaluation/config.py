@@ -6,7 +6,7 @@ service.defenses.DEFENSES but `none`), an ablation's AST variant, or a live endp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from astguard.cli import option, parse_assignment, parse_names, parse_value
@@ -113,7 +113,7 @@ class EvalConfig:
                                  parse=parse_names)
     students: list[str] = option(["cnn5"], "student architectures")
     scale: str = option("smoke", "how big (listed below)", choices=tuple(SCALES))
-    seeds: list[int] = option([0], "a count N (seeds 0..N-1) or a list 0,3,7", parse=parse_seeds)
+    seeds: list[int] = option([0], "a count N (seeds 0..N-1) or a list 0,3,7", parse=parse_seeds, shown="1")
     teacher_seed: int | None = option(None, "train the teachers once, with this seed, for every student seed "
                                             "(default: each seed trains its own teachers)")
     protocols: list[str] = option(list(PROTOCOLS), "paper, query or both")
@@ -154,10 +154,6 @@ class EvalConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(EvalConfig)]
 
 
 # ---------------------------------------------------------------- rows

@@ -5,17 +5,28 @@ both with the same budget, and print the side-by-side comparison.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from astguard.cli import Parser, add_options, from_args, option
 from clients.steal import StealConfig, StealError, attack, validate
 from service.process import running
 from training.config import make_config
+from training.data import DataError
+from training.export import ExportError
+from training.loop import RunError
 from training.train_ast import run as train
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path = option(Path("runs/demo"), "where runs and reports go")
+    budget: int = option(1000, "queries the thief may send to each victim")
+    epochs: int = option(15, "student epochs")
 
 
 @contextmanager
@@ -25,11 +36,16 @@ def serving(model: Path, budget_db: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluation.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs and reports go")
-    p.add_argument("--budget", type=int, default=1000, help="queries the thief may send to each victim")
-    p.add_argument("--epochs", type=int, default=15, help="student epochs")
-    args = p.parse_args(argv)
+    p = Parser(prog="python -m evaluation.demo", description=__doc__.split("\n\n")[0])
+    add_options(p, DemoConfig)
+    try:
+        return demo(from_args(DemoConfig, p.parse_args(argv)))
+    except (StealError, DataError, RunError, ExportError, ValueError) as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return getattr(e, "code", 2)
+
+
+def demo(args: DemoConfig) -> int:
     t0 = time.time()
     os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -45,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = StealConfig(url=url, out=args.out / f"steal-{name}", queries="digits:train", budget=args.budget,
                               eval="digits:test", student="digits_cnn", epochs=args.epochs, overwrite=True,
                               progress=False, compare=args.out / "steal-base" / "report.json" if name == "ast" else None)
-            try:
-                reports[name] = attack(validate(cfg))
-            except StealError as e:
-                print(f"demo: error: {e}", file=sys.stderr)
-                return e.code
+            reports[name] = attack(validate(cfg))
 
     print("\n3/3 the same theft against each teacher:\n")
     rows = [("teacher test accuracy", "victim_accuracy"), ("stolen student accuracy", "student_accuracy"),

@@ -29,6 +29,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from astguard.card import CardError
@@ -43,11 +44,12 @@ from evaluation.config import (ENDPOINT, PROTOCOLS, SCALES, EvalConfig, Row, bui
 from evaluation.jobs import fan_out
 from evaluation.stats import answer_statistics, entropy, entropy_histogram, over_seeds
 from service.defenses import DEFENSES
+from service.runtime import StartupError
 from training.config import Config, make_config, validate
 from training.data import DataError, Dataset, Split, load_dataset
 from training.distill import LABEL_MODES, kd_recipe, student_targets
 from training.export import ExportError
-from training.files import exclusive
+from training.files import exclusive, savez_atomic
 from training.loop import Member, RunError, fit_group, predict_logits, resolve_device
 from training.losses import sparse_topk_logits, top_k_from_ratio
 from training.models import MODELS, create_model
@@ -65,7 +67,7 @@ def endpoint_answers(url: str, api_key: str | None, sets: dict[str, torch.Tensor
     """The live service's probabilities for each image set, bought through the attacker library and kept in
     `cache` (answers are paid for: a rerun asks only for what is missing)."""
     async def go() -> dict:
-        async with open_endpoint(url, api_key, images_per_request=32, concurrency=4) as victim:
+        async with open_endpoint(url, api_key, images_per_request=32, concurrency=4, retries=5) as victim:
             card = victim.card
             out = {"card": card}
             for name, images in sets.items():
@@ -76,6 +78,9 @@ def endpoint_answers(url: str, api_key: str | None, sets: dict[str, torch.Tensor
                                    "classes: evaluate it on its own data set")
                 tag = digest(images)
                 path = cache / f"{name}-{card.sha256[:12]}-{tag}.npz"
+                legacy = path.with_suffix(".npy")  # where answers bought before 2026-12-02 were kept
+                if legacy.exists() and not path.exists():
+                    savez_atomic(path, probs=np.load(legacy), sha256=np.asarray(card.sha256), spec=np.asarray(tag))
                 probs = await buy_cached(victim, images, path, tag)
                 if torch.from_numpy(probs).isnan().any():
                     answered = int((~torch.from_numpy(probs).isnan().any(1)).sum())
@@ -134,6 +139,11 @@ class Evaluation:
             self.query_set(cfg.seeds[0])  # fails now, not after the teachers, when there is no held-out data
         elif cfg.url:
             raise ValueError("--url is evaluated with the query protocol; add query to --protocols")
+        else:
+            served = [r.name for r in self.rows if r.kind == "serving-time defense"]
+            if served:
+                raise ValueError(f"--teachers {served[0]} is a serving-time defense, evaluated with the query "
+                                 "protocol; add query to --protocols")
         self.trained = {"teacher_epochs": 0, "student_epochs": 0}
         self.seconds = {"teachers": 0.0, "paper_students": 0.0, "query_students": 0.0}
 
@@ -506,7 +516,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 def build_parser() -> Parser:
     epilog = "\n".join([TEACHERS.help("teacher rows"), "  st  Stingy Teacher: the base network answering with its "
                         "top-k (k: the AST setting)", DEFENSES.help("serving-time defense rows (on the base network, "
-                                                                    "query protocol; all but none)"),
+                                                                    "query protocol)", skip=("none",)),
                         "scales:", *(f"  {k}  {s.summary}" for k, s in SCALES.items()), LABEL_MODES.help()])
     p = Parser(prog="python -m evaluation", description=__doc__.split("\n\n")[0], epilog=epilog,
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -531,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = evaluate(cfg)
-    except (DataError, RunError, ExportError, ValueError) as e:
+    except (DataError, RunError, ExportError, ValueError, StartupError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

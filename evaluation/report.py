@@ -141,6 +141,7 @@ def figures(results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     markers = {"paper": "o", "query": "^"}
+    labelled = set()  # each row named once in the legend, whichever protocol it has cells in
     for protocol in ("paper", "query"):
         if protocol not in results["students"]:
             continue
@@ -149,8 +150,8 @@ def figures(results: dict, out: Path) -> None:
             t = results["teachers"][name]["accuracy"]["mean"] * 100
             for student, cell in results["students"][protocol].get(name, {}).items():
                 ax.scatter(t, cell["accuracy"]["mean"] * 100, marker=markers[protocol], color=f"C{i % 10}",
-                           label=f"{name}" if protocol == "paper" and student == results["settings"]["students"][0]
-                           else None)
+                           label=None if name in labelled else name)
+                labelled.add(name)
     for student, cell in results["students"]["alone"].items():
         ax.axhline(cell["mean"] * 100, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("teacher accuracy (%)")

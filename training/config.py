@@ -96,11 +96,11 @@ def lr_at(cfg: Config, epoch: float, epochs: int) -> float:
 def validate(cfg: Config) -> None:
     """Reject settings that cannot work, with a message naming the option."""
     from training.losses import DIVERGENCES
-    from training.models import list_models
+    from training.models import MODELS
     from training.teachers import TEACHERS
 
     checks = [
-        (cfg.arch in list_models(), f"unknown --arch {cfg.arch!r}; known: {', '.join(list_models())}"),
+        (cfg.arch in MODELS, f"unknown --arch {cfg.arch!r}; known: {', '.join(sorted(MODELS))}"),
         (cfg.teacher in TEACHERS, f"unknown --teacher {cfg.teacher!r}; known: {', '.join(TEACHERS)}"),
         (cfg.divergence in DIVERGENCES, f"unknown --divergence {cfg.divergence!r}; known: {', '.join(DIVERGENCES)}"),
         (0 < cfg.sparse_ratio <= 1, f"--sparse-ratio must be in (0, 1], got {cfg.sparse_ratio}"),

@@ -39,7 +39,7 @@ class EndpointVictim:
     429/503 retried (by the client) honouring Retry-After."""
 
     def __init__(self, client: AsyncAstguardClient, info: dict, *, images_per_request: int, concurrency: int):
-        self.client, self.info = client, info
+        self.client = client
         self.card = ModelCard.from_dict(info["card"])
         self.defense = info["output_defense"]
         self.images_per_request, self.concurrency = images_per_request, concurrency

@@ -32,6 +32,12 @@ def test_write_card_then_read_card_round_trips_and_keeps_keys_it_does_not_know(t
     assert again == card and again.extra == {"owner": {"team": "vision"}}
 
 
+def test_a_dataset_entry_needs_only_its_name_and_keeps_what_it_gave(card_dict):
+    card = ModelCard.from_dict({**card_dict, "dataset": {"name": "synthetic", "spec": None, "num_classes": 10}})
+    assert card.dataset.train_size is None
+    assert card.to_dict()["dataset"] == {"name": "synthetic", "num_classes": 10}
+
+
 def test_a_minimal_hand_written_card_gets_the_documented_defaults(card_dict):
     minimal = {k: card_dict[k] for k in ("name", "version", "sha256", "class_names")}
     card = ModelCard.from_dict({**minimal, "version": 3, "input": {"shape": [-1, 3, 32, 32]}})
@@ -53,7 +59,12 @@ def test_a_minimal_hand_written_card_gets_the_documented_defaults(card_dict):
     (lambda d: d["outputs"][0].update(shape=[-1, 9]), "has 9 classes but class_names has 10"),
     (lambda d: d.update(card_version=99), "card_version 99 is newer"),
     (lambda d: d.update(version=True), "version: expected str/int"),
-    (lambda d: d.update(teacher={"summary": "no type"}), "type: missing"),
+    (lambda d: d.update(teacher={"summary": "no type"}), "teacher.type: missing"),
+    (lambda d: d["input"].update(name=5), "input.name: expected str, got int"),
+    (lambda d: d["input"].update(value_range=3), "input.value_range: expected list, got int"),
+    (lambda d: d["input"].update(value_range=[0, "one"]), "input.value_range: expected 2 numbers"),
+    (lambda d: d["outputs"][0].update(shape=[-1, "ten"]), "outputs.0.shape: expected 2 integers"),
+    (lambda d: d["dataset"].pop("name"), "dataset.name: missing"),
 ])
 def test_an_invalid_card_is_refused_naming_the_field(tmp_path, card_dict, change, words):
     change(card_dict)

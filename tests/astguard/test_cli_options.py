@@ -74,3 +74,25 @@ def test_field_assignments_read_values_as_the_command_line_would():
         parse_assignment(Demo, "budget=many")
     with pytest.raises(ValueError, match="--set takes FIELD=VALUE"):
         parse_assignment(Demo, "colour=red")
+
+
+def test_a_command_whose_extra_is_missing_is_one_line_naming_the_extra(capsys):
+    from astguard.cli import launch
+
+    def load():
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    assert launch("astguard-steal", "attack", load) == 2
+    assert capsys.readouterr().err == ("astguard-steal: error: torch is not installed; this command needs "
+                                       "pip install 'astguard[attack]'\n")
+    assert launch("astguard-steal", "attack", lambda: (lambda: 0)) == 0
+
+
+def test_a_missing_module_of_our_own_is_a_bug_and_not_hidden():
+    from astguard.cli import launch
+
+    def load():
+        raise ModuleNotFoundError("No module named 'clients.stael'", name="clients.stael")
+
+    with pytest.raises(ModuleNotFoundError):
+        launch("astguard-steal", "attack", load)

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def test_a_server_that_dies_mid_attack_leaves_the_answers_on_disk_and_says_how_t
 
         def kill_once_some_answers_are_out():  # on a condition, not a clock: the attack is mid-way, rate-limited
             while s.proc.poll() is None and s.metric("astguard_images_served_total", key="anonymous") < 8:
-                pass
+                time.sleep(0.05)  # how often to look, not what to wait for
             s.proc.kill()
 
         threading.Thread(target=kill_once_some_answers_are_out, daemon=True).start()
