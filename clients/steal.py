@@ -27,7 +27,8 @@ from astguard.card import CardError  # noqa: E402
 from astguard.cli import Parser, add_options, from_args, option  # noqa: E402
 from clients.attack.answers import TransferSet, buy, buy_cached  # noqa: E402
 from clients.attack.queries import NOISE, fit_to_victim, plan_queries  # noqa: E402
-from clients.attack.student import StudentSpec, distill_student, reference_student, score  # noqa: E402
+from clients.attack.attacks import ATTACKS, Setting, attack_names, run_attack, worst_case  # noqa: E402
+from clients.attack.student import StudentSpec, reference_student, score  # noqa: E402
 from clients.attack.victim import open_endpoint  # noqa: E402
 from clients.client import AstguardError, Unauthorized, Unavailable, Unreachable  # noqa: E402
 from training.data import DataError, Split, load_split, parse_spec  # noqa: E402
@@ -55,7 +56,10 @@ class StealConfig:
     budget: int = option(1000, "images to query at most")
     augment: bool = option(False, "randomly crop every query image (repeats always are)")
     flip: bool = option(False, "random horizontal flips in augmentation and student training (not for digits)")
-    label_mode: str = option("soft", "what the student fits (registry key)", choices=tuple(LABEL_MODES))
+    label_mode: str = option("soft", "the label mode of the one attack run without --attack (registry key)",
+                             choices=tuple(LABEL_MODES))
+    attack: str | None = option(None, "attacks: a comma-separated list, or all (listed below; default: the "
+                                      "--label-mode attack alone)")
     temperature: float = option(4.0, "distillation temperature T")
     use_labels: bool = option(False, "mix in cross-entropy on the query set's true labels")
     alpha: float = option(0.9, "with --use-labels: weight of the distillation term")
@@ -78,6 +82,7 @@ class StealConfig:
     data_root: str = option("data", "where cifar10/cifar100 live")
     cache_dir: Path | None = option(None, "decoded data sets (default: <out>/../.cache/data)")
     progress: bool = option(True, "progress bars")
+    attacks: tuple[str, ...] = option((), cli=False)  # --attack resolved (validate)
 
     @property
     def student_spec(self) -> StudentSpec:
@@ -113,42 +118,75 @@ def _transfer_set(cfg: StealConfig, card) -> TransferSet:
     return TransferSet.planned(images, labels, card.num_classes, meta)
 
 
-async def _bought(cfg: StealConfig) -> tuple:
-    """Query the victim: (victim, transfer set, why querying stopped, seconds, queries newly answered, test split,
-    the victim's answers on it)."""
+async def _steal(cfg: StealConfig, device) -> dict:
+    """Buy the shared transfer set and the evaluation answers, then run the attacks, which may buy more; the
+    endpoint stays open throughout (the attacks train in a worker thread and ask through this event loop)."""
+    async with open_endpoint(cfg.url, cfg.api_key, images_per_request=cfg.images_per_request,
+                             concurrency=cfg.concurrency, retries=cfg.retries) as victim:
+        card = victim.card
+        transfer = _transfer_set(cfg, card)
+        stop_reason, query_s, asked = "reused", 0.0, int((~transfer.answered).sum())
+        if not cfg.reuse:
+            try:
+                stop_reason, query_s = await buy(victim, transfer, cfg.out / TRANSFER, progress=cfg.progress)
+            except (Unreachable, Unavailable) as e:
+                raise StealError(f"the server stopped answering after {int(transfer.answered.sum())} of "
+                                 f"{len(transfer.probs)} queries ({e.message}); the answers so far are saved in "
+                                 f"{cfg.out / TRANSFER}: rerun the same command with --resume to continue, or "
+                                 "with --reuse to train on what was saved", 3) from None
+        newly = 0 if cfg.reuse else asked - int((~transfer.answered).sum())
+        if not transfer.answered.any():  # before buying the evaluation set with what is left
+            raise StealError("the victim answered no queries (its budget for this key may be spent already)")
+        # Evaluation set: the attacker's own labelled data, resized to the victim's input.
+        test, victim_eval = None, None
+        if cfg.eval:
+            _, ev = load_split(cfg.eval, cfg.data_root, cfg.cache_dir, default_split="test")
+            i = card.input
+            test = Split(fit_to_victim(ev.images, i.channels, (i.height, i.width)), ev.labels)
+            try:
+                probs = await buy_cached(victim, test.images, cfg.out / EVAL_ANSWERS, cfg.eval,
+                                         progress=cfg.progress)
+            except (Unreachable, Unavailable) as e:
+                raise StealError(f"the server stopped answering while the evaluation set was queried "
+                                 f"({e.message}); the answers so far are saved in {cfg.out}: rerun the same "
+                                 "command with --reuse to finish the evaluation without querying the transfer "
+                                 "set again", 3) from None
+            victim_eval = None if np.isnan(probs).any() else probs  # the budget ran out: no victim figures
+
+        loop = asyncio.get_running_loop()
+
+        def ask(images, probs):  # from the attacks' thread, through this loop's client
+            return asyncio.run_coroutine_threadsafe(victim.answer(images, probs, progress=cfg.progress),
+                                                    loop).result()
+
+        def attacks() -> tuple[dict, float]:
+            t1 = time.perf_counter()
+            results = {}
+            for name in cfg.attacks:
+                setting = Setting(card, victim.defense, ask, transfer, test, victim_eval, cfg.student_spec,
+                                  cfg.out / "attacks" / name, device, cfg.temperature, cfg.use_labels, cfg.alpha,
+                                  cfg.reuse, cfg.progress, cfg.seed)
+                try:
+                    results[name] = run_attack(name, setting)
+                except (Unreachable, Unavailable) as e:
+                    raise StealError(f"the server stopped answering during the {name} attack ({e.message}); the "
+                                     f"answers so far are saved under {cfg.out}: rerun the same command with "
+                                     "--resume to continue", 3) from None
+                except FileNotFoundError as e:  # --reuse of an attack that never bought its own answers
+                    raise StealError(str(e)) from None
+            return results, time.perf_counter() - t1
+
+        results, train_s = await asyncio.to_thread(attacks)
+    return {"victim": victim, "transfer": transfer, "stop_reason": stop_reason, "query_s": query_s,
+            "newly": newly, "test": test, "victim_eval": victim_eval, "attacks": results, "train_s": train_s}
+
+
+def attack(cfg: StealConfig) -> dict:
+    t0 = time.perf_counter()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
     try:
-        async with open_endpoint(cfg.url, cfg.api_key, images_per_request=cfg.images_per_request,
-                                 concurrency=cfg.concurrency, retries=cfg.retries) as victim:
-            card = victim.card
-            transfer = _transfer_set(cfg, card)
-            stop_reason, query_s, asked = "reused", 0.0, int((~transfer.answered).sum())
-            if not cfg.reuse:
-                try:
-                    stop_reason, query_s = await buy(victim, transfer, cfg.out / TRANSFER, progress=cfg.progress)
-                except (Unreachable, Unavailable) as e:
-                    raise StealError(f"the server stopped answering after {int(transfer.answered.sum())} of "
-                                     f"{len(transfer.probs)} queries ({e.message}); the answers so far are saved in "
-                                     f"{cfg.out / TRANSFER}: rerun the same command with --resume to continue, or "
-                                     "with --reuse to train on what was saved", 3) from None
-            newly = 0 if cfg.reuse else asked - int((~transfer.answered).sum())
-            if not transfer.answered.any():  # before buying the evaluation set with what is left
-                raise StealError("the victim answered no queries (its budget for this key may be spent already)")
-            # Evaluation set: the attacker's own labelled data, resized to the victim's input.
-            test, victim_eval = None, None
-            if cfg.eval:
-                _, ev = load_split(cfg.eval, cfg.data_root, cfg.cache_dir, default_split="test")
-                i = card.input
-                test = Split(fit_to_victim(ev.images, i.channels, (i.height, i.width)), ev.labels)
-                try:
-                    probs = await buy_cached(victim, test.images, cfg.out / EVAL_ANSWERS, cfg.eval,
-                                             progress=cfg.progress)
-                except (Unreachable, Unavailable) as e:
-                    raise StealError(f"the server stopped answering while the evaluation set was queried "
-                                     f"({e.message}); the answers so far are saved in {cfg.out}: rerun the same "
-                                     "command with --reuse to finish the evaluation without querying the transfer "
-                                     "set again", 3) from None
-                victim_eval = None if np.isnan(probs).any() else probs  # the budget ran out: no victim figures
-            return victim, transfer, stop_reason, query_s, newly, test, victim_eval
+        done = asyncio.run(_steal(cfg, device))
     except Unauthorized as e:
         raise StealError(f"the server refused the API key ({e.message})") from None
     except Unreachable as e:
@@ -157,44 +195,30 @@ async def _bought(cfg: StealConfig) -> tuple:
         raise StealError(f"the server answered {e.message}") from None
     except CardError as e:
         raise StealError(f"the server's model card is not valid: {e}") from None
-
-
-def attack(cfg: StealConfig) -> dict:
-    t0 = time.perf_counter()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    victim, transfer, stop_reason, query_s, newly, test, victim_eval = asyncio.run(_bought(cfg))
-    card = victim.card
-    images, probs, labels = transfer.bought()
-
-    spec, progress = cfg.student_spec, cfg.progress
-    t1 = time.perf_counter()
-    student, history = distill_student(spec, images, probs, labels if cfg.use_labels else None,
-                                       test or Split(images, probs.argmax(1)), cfg.out / "student",
-                                       mode=cfg.label_mode, temperature=cfg.temperature,
-                                       alpha=cfg.alpha if cfg.use_labels else 1.0, device=device, progress=progress)
-    train_s = time.perf_counter() - t1
-
+    card, transfer, test, results = done["victim"].card, done["transfer"], done["test"], done["attacks"]
+    images, _, labels = transfer.bought()
+    worst = worst_case(results)
+    headline = results[worst["attack"]] if worst else results[cfg.attacks[0]]
+    newly, query_s = done["newly"], done["query_s"]
     report = {
         "victim": {"url": cfg.url, "name": card.name, "version": card.version, "sha256": card.sha256,
-                   "teacher": card.teacher_type, "output_defense": victim.defense},
-        "victim_accuracy": None, "student_accuracy": None, "agreement": None, "kl": None,
+                   "teacher": card.teacher_type, "output_defense": done["victim"].defense},
+        "victim_accuracy": headline.get("victim_accuracy"), "student_accuracy": headline["student_accuracy"],
+        "agreement": headline["agreement"], "kl": headline["kl"],
         "reference_accuracy": None, "chance": round(1 / card.num_classes, 4),
-        "queries_used": newly, "transfer_set_size": int(transfer.answered.sum()),
-        "queries_planned": len(transfer.probs), "stop_reason": stop_reason, "eval_queries": 0,
+        "queries_used": newly + sum(r["queries_used"] for r in results.values()),
+        "transfer_set_size": int(transfer.answered.sum()), "queries_planned": len(transfer.probs),
+        "stop_reason": done["stop_reason"], "eval_queries": len(test.labels) if done["victim_eval"] is not None else 0,
         "images_per_s": round(newly / query_s, 1) if query_s else None, "query_seconds": round(query_s, 2),
-        "train_seconds": round(train_s, 2), "student_last_epoch": history[-1] if history else None,
+        "train_seconds": round(done["train_s"], 2), "student_last_epoch": headline.get("student_last_epoch"),
+        "attacks": results, "worst_case": worst,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
                      if k not in ("api_key", "compare")},
     }
-    if test is not None:
-        report.update(score(student, test, victim_eval, device))
-        if victim_eval is not None:
-            report["eval_queries"] = len(test.labels)
-        if labels is not None and cfg.reference:
-            scratch = reference_student(spec, images, labels, card.num_classes, test, cfg.out / "reference",
-                                        device=device, progress=progress)
-            report["reference_accuracy"] = score(scratch, test, None, device)["student_accuracy"]
+    if test is not None and labels is not None and cfg.reference:
+        scratch = reference_student(cfg.student_spec, images, labels, card.num_classes, test, cfg.out / "reference",
+                                    device=device, progress=cfg.progress)
+        report["reference_accuracy"] = score(scratch, test, None, device)["student_accuracy"]
     report["wall_seconds"] = round(time.perf_counter() - t0, 2)
     if cfg.compare:
         report["compared_with"] = compare(report, json.loads(cfg.compare.read_text()), str(cfg.compare))
@@ -217,10 +241,25 @@ def compare(report: dict, other: dict, name: str) -> dict:
 
 def markdown(report: dict) -> str:
     v = report["victim"]
+    worst = report.get("worst_case") or {}
+    attacks = report.get("attacks") or {}
     lines = [f"# Stealing {v['name']} v{v['version']} ({v['teacher'] or 'unknown'} teacher, output defense "
              f"{v['output_defense']['name']})", "",
-             f"{report['queries_used']} queries, student `{report['settings']['student']}`, label mode "
-             f"`{report['settings']['label_mode']}`; stopped: {report['stop_reason']}.", ""]
+             f"{report['queries_used']} queries, student `{report['settings']['student']}`, "
+             f"{len(attacks)} attack(s); shared queries stopped: {report['stop_reason']}.", ""]
+    if worst:
+        lines += [f"Worst case: **{worst['attack']}**, student accuracy {worst['student_accuracy']} "
+                  f"(agreement {worst['agreement']}). The figures below the attacks are the worst case's.", ""]
+    if attacks:
+        order = sorted(attacks, key=lambda k: (-(attacks[k]["student_accuracy"] or 0), -(attacks[k]["agreement"] or 0)))
+        lines += ["| attack | student accuracy | agreement | KL(victim \\|\\| student) | queries used | seconds |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for k in order:
+            r = attacks[k]
+            mark = " (worst case)" if k == worst.get("attack") else ""
+            lines.append(f"| {k}{mark} | {r['student_accuracy']} | {r['agreement']} | {r['kl']} | "
+                         f"{r['queries_used']} | {r['seconds']} |")
+        lines.append("")
     cmp = report.get("compared_with")
     header = "| metric | this run |" + (f" {cmp['victim']} | difference |" if cmp else "")
     lines += [header, "|" + " --- |" * (header.count("|") - 1)]
@@ -236,8 +275,9 @@ def markdown(report: dict) -> str:
 
 def build_parser() -> Parser:
     p = Parser(prog="astguard-steal", description=__doc__.split("\n\n")[0],
-               epilog=MODELS.help("students") + "\n" + LABEL_MODES.help() + "\nquery sets: digits, cifar10, cifar100, "
-                      "an ImageFolder dir/.zip (NAME[:SPLIT]), or noise", formatter_class=argparse.RawTextHelpFormatter)
+               epilog="\n".join([ATTACKS.help(), LABEL_MODES.help(), MODELS.help("students"),
+                                  "query sets: digits, cifar10, cifar100, an ImageFolder dir/.zip (NAME[:SPLIT]), or "
+                                  "noise"]), formatter_class=argparse.RawTextHelpFormatter)
     add_options(p, StealConfig)
     return p
 
@@ -245,7 +285,8 @@ def build_parser() -> Parser:
 def validate(cfg: StealConfig) -> StealConfig:
     """The config with its environment and derived defaults filled in; StealError names a bad option."""
     cfg = replace(cfg, api_key=cfg.api_key or os.environ.get("ASTGUARD_API_KEY"),
-                  cache_dir=cfg.cache_dir or cfg.out.parent / ".cache" / "data")
+                  cache_dir=cfg.cache_dir or cfg.out.parent / ".cache" / "data",
+                  attacks=tuple(attack_names(cfg.attack)) if cfg.attack else (cfg.label_mode,))
     checks = [
         (cfg.budget >= 1, f"--budget must be at least 1, got {cfg.budget}"),
         (cfg.student in MODELS, f"unknown --student {cfg.student!r}; known: {', '.join(sorted(MODELS))}"),

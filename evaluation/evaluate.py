@@ -34,9 +34,10 @@ import torch
 
 from astguard.card import CardError
 from astguard.cli import Parser, add_options, from_args
-from clients.attack.answers import buy_cached, digest
+from clients.attack.answers import TransferSet, buy_cached, digest
+from clients.attack.attacks import ATTACKS, Setting, attack_names, run_attack, worst_case
 from clients.attack.queries import plan_queries
-from clients.attack.student import distillation
+from clients.attack.student import StudentSpec, distillation
 from clients.attack.victim import OnnxVictim, answers, open_endpoint
 from clients.client import AstguardError
 from evaluation.config import (ENDPOINT, PROTOCOLS, SCALES, EvalConfig, Row, build_rows, default_preset,
@@ -49,7 +50,7 @@ from training.config import Config, make_config, validate
 from training.data import DataError, Dataset, Split, load_dataset
 from training.distill import LABEL_MODES, kd_recipe, student_targets
 from training.export import ExportError
-from training.files import exclusive, savez_atomic
+from training.files import exclusive, savez_atomic, write_atomic
 from training.loop import Member, RunError, fit_group, predict_logits, resolve_device
 from training.losses import sparse_topk_logits, top_k_from_ratio
 from training.models import MODELS, create_model
@@ -69,7 +70,7 @@ def endpoint_answers(url: str, api_key: str | None, sets: dict[str, torch.Tensor
     async def go() -> dict:
         async with open_endpoint(url, api_key, images_per_request=32, concurrency=4, retries=5) as victim:
             card = victim.card
-            out = {"card": card}
+            out = {"card": card, "defense": victim.defense}
             for name, images in sets.items():
                 shape = (card.input.channels, card.input.height, card.input.width)
                 if tuple(images.shape[1:]) != shape or card.num_classes != classes:
@@ -144,8 +145,9 @@ class Evaluation:
             if served:
                 raise ValueError(f"--teachers {served[0]} is a serving-time defense, evaluated with the query "
                                  "protocol; add query to --protocols")
-        self.trained = {"teacher_epochs": 0, "student_epochs": 0}
-        self.seconds = {"teachers": 0.0, "paper_students": 0.0, "query_students": 0.0}
+        self.attacks = attack_names(cfg.attacks) if cfg.attacks and "query" in cfg.protocols else []
+        self.trained = {"teacher_epochs": 0, "student_epochs": 0, "attacks": 0}
+        self.seconds = {"teachers": 0.0, "paper_students": 0.0, "query_students": 0.0, "attacks": 0.0}
 
     # -- configurations
     def teacher_cfg(self, row: Row, seed: int) -> Config:
@@ -300,7 +302,8 @@ class Evaluation:
             if not answers:
                 answers.update(self.served_endpoint(seed, data.test))
             return answers
-        res = {"teachers": {}, "statistics": {}, "students": {p: {} for p in PROTOCOLS}, "histograms": {}}
+        res = {"teachers": {}, "statistics": {}, "students": {p: {} for p in PROTOCOLS}, "histograms": {},
+               "attacks": {}}
         if only is None:
             self.teacher_cells(res, data.test, net, served)
         for name, protocol, row in self.groups():
@@ -371,6 +374,60 @@ class Evaluation:
             done = self.train_students(jobs, Split(queries.images, top1), test, student_seed, data,
                                        target=targets, kind="query_students")
             res["students"]["query"][row.name] = {k: v["test_accuracy"] for k, v in done.items()}
+            if self.attacks:
+                res["attacks"][row.name] = self.attack_row(row, queries, probs, source, student_seed, data, net,
+                                                           served)
+
+    # -- the attack suite (query protocol)
+    def attack_row(self, row: Row, queries: Split, probs: torch.Tensor, source: dict, student_seed: int,
+                   data: Dataset, net, served) -> dict:
+        """Every attack of --attacks against one row, for every student: {arch: {attack: result}}. Each result is
+        kept in its folder under work/attacks by its settings; answers an attack buys itself are kept there too."""
+        if row.network == ENDPOINT:
+            card, defense, test_answers = served()["card"], served()["defense"], served()["test"].numpy()
+            url, key = self.eval_cfg.url, self.eval_cfg.api_key
+
+            def ask(images, answers):  # a live service: every answer is paid for, and kept by the attack
+                async def go():
+                    async with open_endpoint(url, key, images_per_request=32, concurrency=4, retries=5) as v:
+                        return await v.answer(images, answers)
+                return asyncio.run(go())
+        else:
+            victim = OnnxVictim(net(row)["onnx"], defense=row.defense or "none", params=dict(row.defense_params),
+                                device="cpu" if self.device.type == "cpu" else str(self.device))
+            card, defense = victim.card, victim.defense
+            test_answers = answers(victim, data.test.images)
+
+            def ask(images, answers_):
+                return asyncio.run(victim.answer(images, answers_))
+        transfer = TransferSet(queries.images, queries.labels, probs.numpy().astype(np.float32), {})
+        out = {}
+        for arch in self.eval_cfg.students:
+            cfg = self.student_cfg(arch, student_seed)
+            # The query students' own configuration and normalisation: the label-mode attack is their twin.
+            spec = StudentSpec(arch, cfg.epochs, cfg.lr, cfg.batch_size, cfg.crop_pad, cfg.flip, cfg.seed, base=cfg,
+                               mean=tuple(data.mean), std=tuple(data.std))
+            out[arch] = {}
+            for name in self.attacks:
+                settings = {**self.student_settings(arch, student_seed, "attack", source), "attack": name,
+                            "attack_params": ATTACKS[name].defaults}
+                folder = self.work / "attacks" / f"{arch}-{name}-{settings_hash(settings)}"
+                with exclusive(folder.with_name(folder.name + ".lock")):
+                    done = folder / "result.json"
+                    if done.exists() and json.loads(done.read_text()).get("key") == settings:
+                        result = json.loads(done.read_text())["result"]
+                    else:
+                        t0 = time.time()
+                        setting = Setting(card, defense, ask, transfer, data.test, test_answers, spec, folder,
+                                          self.device, temperature=self.kd_t, progress=self.eval_cfg.progress,
+                                          seed=cfg.seed)
+                        result = run_attack(name, setting)
+                        self.seconds["attacks"] += time.time() - t0
+                        self.trained["attacks"] += 1
+                        write_atomic(done, lambda tmp: tmp.write_text(json.dumps({"key": settings, "result": result},
+                                                                                  indent=1, default=str) + "\n"))
+                out[arch][name] = result
+        return out
 
     def data(self, seed: int) -> Dataset:
         """The data set as the teachers of `seed` see it (their training subset)."""
@@ -450,11 +507,36 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
                                                      - r["students"]["alone"][a])}
                        for a in students}
             for row in rows if row.name in per_seed[0]["students"][p]}
+    attacked = [row for row in rows if row.name in per_seed[0].get("attacks", {})]
+    if attacked:
+        out["attacks"], out["worst_case"], out["resistance"] = {}, {}, {}
+        for row in attacked:
+            table = {a: {name: {"accuracy": cell(lambda r: r["attacks"][row.name][a][name]["student_accuracy"]),
+                                "agreement": cell(lambda r: r["attacks"][row.name][a][name]["agreement"])}
+                         for name in per_seed[0]["attacks"][row.name][a]} for a in students}
+            out["attacks"][row.name] = table
+            out["worst_case"][row.name] = {a: _worst_over_seeds(per_seed, row.name, a) for a in students}
+        if base_name in out["worst_case"]:  # what the defense takes from the strongest thief, seed by seed
+            for row in attacked:
+                out["resistance"][row.name] = {a: cell(lambda r: _worst(r, base_name, a)["student_accuracy"]
+                                                       - _worst(r, row.name, a)["student_accuracy"])
+                                               for a in students}
     for row in rows:
         out["statistics"][row.name] = {
             stat: {k: cell(lambda r: r["statistics"][row.name][stat][k])["mean"] for k in ("mean", "var", "min", "max")}
             for stat in ("entropy", "within_class_kl")}
     return out
+
+
+def _worst(seed_result: dict, row: str, arch: str) -> dict:
+    return worst_case(seed_result["attacks"][row][arch])
+
+
+def _worst_over_seeds(per_seed: list[dict], row: str, arch: str) -> dict:
+    """The worst case of each seed (its most accurate student over the attacks), over seeds, and which attack it was."""
+    worst = [_worst(r, row, arch) for r in per_seed]
+    return {"accuracy": over_seeds([w["student_accuracy"] for w in worst]),
+            "agreement": over_seeds([w["agreement"] for w in worst]), "attacks": [w["attack"] for w in worst]}
 
 
 def redact(argv: list[str]) -> list[str]:
@@ -517,7 +599,8 @@ def build_parser() -> Parser:
     epilog = "\n".join([TEACHERS.help("teacher rows"), "  st  Stingy Teacher: the base network answering with its "
                         "top-k (k: the AST setting)", DEFENSES.help("serving-time defense rows (on the base network, "
                                                                     "query protocol)", skip=("none",)),
-                        "scales:", *(f"  {k}  {s.summary}" for k, s in SCALES.items()), LABEL_MODES.help()])
+                        "scales:", *(f"  {k}  {s.summary}" for k, s in SCALES.items()), ATTACKS.help(),
+                        LABEL_MODES.help()])
     p = Parser(prog="python -m evaluation", description=__doc__.split("\n\n")[0], epilog=epilog,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, EvalConfig)
@@ -549,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"evaluate: {cfg.out / 'results.md'} ({results['run']['wall_seconds']:.0f} s; trained "
           f"{results['run']['trained']['teacher_epochs']} teacher and {results['run']['trained']['student_epochs']} "
-          "student epochs)", file=sys.stderr)
+          f"student epochs, {results['run']['trained']['attacks']} attacks)", file=sys.stderr)
     return 0
 
 

@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-FIGURES = {"responses": "fig2_responses.png", "entropy": "entropy_histograms.png", "tradeoff": "tradeoff.png"}
+FIGURES = {"responses": "fig2_responses.png", "entropy": "entropy_histograms.png", "tradeoff": "tradeoff.png",
+           "attacks": "attacks.png"}
 
 
 def pm(cell: dict, scale: float = 100.0, signed: bool = False) -> str:
@@ -21,14 +22,22 @@ def _main_rows(results: dict) -> list[str]:
     return results["settings"]["teachers"]
 
 
+def _by(attacks: list[str]) -> str:
+    """Which attack was the worst case: one name, or each seed's when they differ."""
+    return attacks[0] if len(set(attacks)) == 1 else "/".join(attacks)
+
+
 def accuracy_table(results: dict, protocol: str, rows: list[str]) -> list[str]:
     students = results["settings"]["students"]
+    worst = results.get("worst_case", {}) if protocol == "query" else {}
     head = ["Teacher", "Teacher acc. (%)", "Δ from Base"] + [f"{s} (%)" for s in students] + \
            [f"Δ {s} from alone" for s in students]
+    if worst:  # the strongest thief of the suite, and what the defense takes from it against Base
+        head += [c for s in students for c in (f"worst-case {s} (%)", "by", f"resistance {s} (pts)")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     alone = results["students"]["alone"]
     lines.append("| Student alone | | | " + " | ".join(pm(alone[s]) for s in students) + " |"
-                 + " |" * len(students))
+                 + " |" * (len(students) + (3 * len(students) if worst else 0)))
     for name in rows:
         t = results["teachers"][name]
         st = results["students"][protocol].get(name)
@@ -40,7 +49,33 @@ def accuracy_table(results: dict, protocol: str, rows: list[str]) -> list[str]:
         change = pm(t["change_from_base"], signed=True) if "change_from_base" in t else ""
         cells = [name, pm(t["accuracy"]), change] + [pm(st[s]["accuracy"]) for s in students] + \
                 [pm(st[s]["change_from_alone"], signed=True) for s in students]
+        if worst:
+            for s_ in students:
+                w = worst.get(name, {}).get(s_)
+                r = results.get("resistance", {}).get(name, {}).get(s_)
+                cells += [pm(w["accuracy"]), _by(w["attacks"])] if w else ["", ""]
+                cells.append(pm(r, signed=True) if r else "")
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def attack_tables(results: dict) -> list[str]:
+    """Per student: every attack's student accuracy against every row, the worst case in bold."""
+    attacked = [r for r in _main_rows(results) + [v["row"] for vs in results.get("sweeps", {}).values() for v in vs]
+                if r in results["attacks"]]
+    lines = ["## The attack suite (query protocol)", "",
+             "Each attack's student accuracy (%) on the test set; a row's worst case (its most accurate thief) in "
+             "bold. The worst case is what a defense is judged by: `resistance` above is Base's worst case minus the "
+             "row's, seed by seed, in points.", ""]
+    for s in results["settings"]["students"]:
+        names = list(results["attacks"][attacked[0]][s]) if attacked else []
+        lines += [f"Student `{s}`:", "", "| Teacher | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for row in attacked:
+            cells = results["attacks"][row][s]
+            top = max(names, key=lambda n: (cells[n]["accuracy"]["mean"], cells[n]["agreement"]["mean"] or 0))
+            lines.append(f"| {row} | " + " | ".join(f"**{pm(cells[n]['accuracy'])}**" if n == top
+                                                   else pm(cells[n]["accuracy"]) for n in names) + " |")
+        lines.append("")
     return lines
 
 
@@ -84,6 +119,8 @@ def markdown(results: dict) -> str:
                                       "queries (as clients/steal.py)")):
         if protocol in results["students"]:
             lines += [f"## {title}", ""] + accuracy_table(results, protocol, rows) + [""]
+    if results.get("attacks"):
+        lines += attack_tables(results) + [""]
     lines += [f"## Answer statistics on the test set at T = {s['kd_temperature']} (Table 3 shape)", "",
               "Per-class entropy of the teacher's softmax and within-class KL (each image's answer against its "
               "class's mean answer), in nats; mean, variance, min and max over classes.", ""]
@@ -96,7 +133,7 @@ def markdown(results: dict) -> str:
                 lines += accuracy_table(results, protocol, [v["row"] for v in variants]) + [""]
     lines += ["## Figures", "",
               "![answers](fig2_responses.png)", "", "![entropy](entropy_histograms.png)", "",
-              "![trade-off](tradeoff.png)", ""]
+              "![trade-off](tradeoff.png)", ""] + (["![attacks](attacks.png)", ""] if results.get("attacks") else [])
     return "\n".join(lines)
 
 
@@ -159,6 +196,36 @@ def figures(results: dict, out: Path) -> None:
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / FIGURES["tradeoff"], dpi=110)
+    plt.close(fig)
+    attacks_figure(results, out, plt)
+
+
+def attacks_figure(results: dict, out: Path, plt) -> None:
+    """Per teacher row, each attack's student accuracy as a dot; the worst case ringed."""
+    rows = [r for r in _main_rows(results) if r in results.get("attacks", {})]
+    if not rows:
+        return
+    student = results["settings"]["students"][0]
+    names = list(results["attacks"][rows[0]][student])
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(rows)), 4.2))
+    for i, row in enumerate(rows):
+        cells = results["attacks"][row][student]
+        for j, name in enumerate(names):
+            y = cells[name]["accuracy"]["mean"] * 100
+            ax.scatter(i + (j - len(names) / 2) * 0.04, y, color=f"C{j % 10}", s=18, label=name if i == 0 else None)
+        worst = results["worst_case"][row][student]
+        j = names.index(worst["attacks"][0]) if worst["attacks"][0] in names else 0
+        ax.scatter(i + (j - len(names) / 2) * 0.04, cells[names[j]]["accuracy"]["mean"] * 100, s=160,
+                   facecolors="none", edgecolors="black", linewidths=1.2, label="worst case" if i == 0 else None)
+    ax.axhline(results["students"]["alone"][student]["mean"] * 100, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(rows, fontsize=7, rotation=20)
+    ax.set_ylabel(f"{student} student accuracy (%)")
+    ax.set_title("each attack's student per teacher; ringed: the worst case (first seed); dashed: student alone",
+                 fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / FIGURES["attacks"], dpi=110)
     plt.close(fig)
 
 

@@ -134,9 +134,11 @@ def export_stage(model, out_dir: Path, data: Dataset, cfg: Config, teacher: str,
 
 def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None = None, resume: bool = False,
         overwrite: bool = False, name: str | None = None, version: str = "1", progress: bool = True,
-        on_epoch_end=None, base_dir: Path | None = None) -> dict:
+        on_epoch_end=None, base_dir: Path | None = None, data: Dataset | None = None, export: bool = True) -> dict:
     """The whole pipeline; `on_epoch_end(stage, epoch, row)` is called after every epoch of every stage.
-    The base model lives in `base_dir` (default: out/base), so several teachers can share one."""
+    The base model lives in `base_dir` (default: out/base), so several teachers can share one. `data` replaces the
+    configuration's data set (a thief training its own teachers on its queries; `cfg.dataset` then only names it
+    in the settings); `export=False` trains without writing ONNX files or cards."""
     t0 = time.time()
     def hook(stage):
         return partial(on_epoch_end, stage) if on_epoch_end else None
@@ -144,8 +146,9 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
     validate(cfg)
     dev = resolve_device(device)
     cache_dir = cache_dir or out.parent / ".cache"
-    with distributed.main_first():  # one process decodes and caches the data set
-        data = load_data(cfg, cache_dir)
+    if data is None:
+        with distributed.main_first():  # one process decodes and caches the data set
+            data = load_data(cfg, cache_dir)
     main = distributed.is_main()
     top_k = cfg.top_k or top_k_from_ratio(cfg.sparse_ratio, data.num_classes)
     if top_k > data.num_classes:
@@ -168,8 +171,9 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
                                          resume=resume, overwrite=overwrite, progress=progress,
                                          on_epoch_end=hook("base"))
         base_acc = base_metrics["test_accuracy"]
-        distributed.main_only(export_stage, base, base_dir, data, cfg, "base", base_metrics, base_name, version,
-                              base_acc)
+        if export:
+            distributed.main_only(export_stage, base, base_dir, data, cfg, "base", base_metrics, base_name, version,
+                                  base_acc)
 
     summary = {"base": {"test_accuracy": base_acc}}
     pair = None
@@ -192,12 +196,15 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
                                          overwrite=overwrite, progress=progress, on_epoch_end=hook(cfg.teacher))
 
         def finish() -> dict:  # rank 0 exports and reports
-            card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
             summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
-                            "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
-                            "onnx": str(out / "model.onnx"), "sha256": card.sha256,
-                            "checkpoint": str(checkpoint), "verification": card.verification,
-                            "wall_seconds": round(time.time() - t0, 2)})
+                            "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k})
+            if export:
+                card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
+                summary.update({"onnx": str(out / "model.onnx"), "sha256": card.sha256})
+            summary["checkpoint"] = str(checkpoint)
+            if export:
+                summary["verification"] = card.verification
+            summary["wall_seconds"] = round(time.time() - t0, 2)
             metrics.update(summary)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             return summary

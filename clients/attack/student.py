@@ -1,7 +1,7 @@
 """Fitting a student to bought answers, and measuring what was stolen."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from training.config import Config, make_config
 from training.data import Split, channel_stats
 from training.distill import student_recipe, student_targets
-from training.loop import fit, predict_logits
+from training.loop import Member, fit, fit_group, predict_logits
 from training.models import create_model
 from training.teachers import Context, Recipe
 
@@ -31,7 +31,9 @@ def distillation(probs: Tensor, labels: Tensor | None, *, mode: str, temperature
 
 @dataclass(frozen=True)
 class StudentSpec:
-    """The thief's student and how it trains."""
+    """The thief's student and how it trains. `base` is a whole training configuration to start from (the
+    evaluation's students share its schedule and optimiser settings); `mean`/`std` fix the student's input
+    normalisation (default: the statistics of the images it trains on)."""
     arch: str
     epochs: int = 20
     lr: float = 0.05
@@ -39,15 +41,19 @@ class StudentSpec:
     crop_pad: int = 1
     flip: bool = False
     seed: int = 0
+    base: Config | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def config(self) -> Config:
-        return make_config(arch=self.arch, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                           crop_pad=self.crop_pad, flip=self.flip, seed=self.seed)
+        fields = dict(arch=self.arch, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                      crop_pad=self.crop_pad, flip=self.flip, seed=self.seed)
+        return replace(self.base, **fields) if self.base is not None else make_config(**fields)
 
 
 def new_student(spec: StudentSpec, images: Tensor, classes: int, device: torch.device) -> nn.Module:
     """A fresh student of the victim's input shape, normalised by the statistics of the thief's own images."""
-    mean, std = channel_stats(images)
+    mean, std = (spec.mean, spec.std) if spec.mean is not None else channel_stats(images)
     torch.manual_seed(spec.seed)
     return create_model(spec.arch, classes, images.shape[1], images.shape[2], mean, std).to(device)
 
@@ -62,6 +68,22 @@ def distill_student(spec: StudentSpec, images: Tensor, probs: Tensor, labels: Te
     history = fit(model, recipe, Context(cfg, top_k=0), Split(images, y), test, out_dir, epochs=cfg.epochs,
                   device=device, target=targets, progress=progress)
     return model, history
+
+
+def distill_group(spec: StudentSpec, images: Tensor, probs: Tensor, members: dict, test: Split, out_dir: Path, *,
+                  device: torch.device, progress: bool = True) -> dict:
+    """Students that differ only in how they treat the same answers, `members[key] = (label mode, T)`, trained in
+    lockstep on the same batches (each as if alone: same initialisation, its own random stream); returns them by
+    key."""
+    cfg = spec.config()
+    group = {}
+    for key, (mode, temperature) in members.items():
+        recipe = student_recipe(mode, temperature, 1.0, False, from_probs=True)
+        group[key] = Member(new_student(spec, images, probs.shape[1], device), recipe, Context(cfg, 0),
+                            out_dir / f"student-{key}")
+    fit_group(list(group.values()), Split(images, probs.argmax(1)), test, epochs=cfg.epochs, device=device,
+              target=probs.float(), progress=progress)
+    return {key: m.model for key, m in group.items()}
 
 
 def reference_student(spec: StudentSpec, images: Tensor, labels: Tensor, classes: int, test: Split, out_dir: Path, *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from astguard.registry import Registry, UnknownName
+from clients.attack.attacks import ATTACKS
 from conftest import REPO
 from service.defenses import DEFENSES
 from training.distill import LABEL_MODES
@@ -63,6 +64,9 @@ README_TABLES = {
         "keeps the top-1": lambda e: ("yes" if e.get("keeps_top1") else "no")
         + (f": {e.get('top1_note')}" if e.get("top1_note") else "")}),
     "label modes": lambda: LABEL_MODES.markdown(),
+    "attacks": lambda: ATTACKS.markdown(extra={"the thief has": lambda e: e.value.assumes,
+                                               "queries": lambda e: e.value.cost,
+                                               "in `all`": lambda e: "yes" if e.get("in_all", True) else "no"}),
 }
 
 

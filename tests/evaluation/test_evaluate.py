@@ -21,7 +21,8 @@ TEACHERS = ["base", "ast", "nt", "stt", "st"]
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     argv = ["--dataset", "digits", "--scale", "smoke", "--students", "cnn5,digits_cnn", "--sweep", "alpha=0.2",
-            "--out", str(root / "results"), "--work-dir", str(root / "work"), "--no-progress", "--device", "cpu"]
+            "--attacks", "soft,hard", "--out", str(root / "results"), "--work-dir", str(root / "work"),
+            "--no-progress", "--device", "cpu"]
     assert main(argv) == 0
     first = json.loads((root / "results" / "results.json").read_text())
     return root, argv, first
@@ -69,15 +70,16 @@ def test_a_second_run_with_the_same_settings_trains_nothing(smoke):
     root, argv, first = smoke
     assert main(argv) == 0
     second = json.loads((root / "results" / "results.json").read_text())
-    assert second["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 0}
+    assert second["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 0, "attacks": 0}
     assert second["teachers"] == first["teachers"] and second["students"] == first["students"]
+    assert second["attacks"] == first["attacks"] and second["worst_case"] == first["worst_case"]
 
 
 def test_a_live_endpoint_is_evaluated_with_the_query_protocol(smoke, digits_run):
     root, _, _ = smoke
     model, summary = digits_run
     with serve(model / "model.onnx") as server:
-        argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base", "--url", server.url,
+        argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base", "--attacks", "soft", "--url", server.url,
                 "--out", str(root / "endpoint"), "--work-dir", str(root / "work"), "--no-progress", "--device", "cpu"]
         assert main(argv) == 0
         served = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(server.url + "/metrics").text.splitlines()
@@ -101,6 +103,7 @@ def test_a_live_endpoint_is_evaluated_with_the_query_protocol(smoke, digits_run)
 def test_a_serving_time_defense_is_a_query_protocol_row_on_the_base_network(smoke):
     root, _, _ = smoke
     argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base,label_only", "--students", "cnn5",
+            "--attacks", "soft",
             "--out", str(root / "defense"), "--work-dir", str(root / "work"), "--no-progress", "--device", "cpu"]
     assert main(argv) == 0
     r = json.loads((root / "defense" / "results.json").read_text())
@@ -111,6 +114,33 @@ def test_a_serving_time_defense_is_a_query_protocol_row_on_the_base_network(smok
     cell = r["students"]["query"]["label_only"]["cnn5"]["accuracy"]["mean"]
     assert 0 <= cell <= 1 and "label_only" not in r["students"]["paper"]
     assert "n/a: serving-time defense" in (root / "defense" / "results.md").read_text()
+
+
+def test_every_row_is_attacked_by_the_whole_suite_and_judged_by_its_worst_case(smoke):
+    root, _, first = smoke
+    argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base,ast", "--students", "digits_cnn",
+            "--protocols", "query", "--out", str(root / "suite"), "--work-dir", str(root / "work"), "--no-progress",
+            "--device", "cpu"]  # --attacks all is the default
+    assert main(argv) == 0
+    r = json.loads((root / "suite" / "results.json").read_text())
+    from clients.attack.attacks import attack_names
+    for row in ("base", "ast"):
+        cells = r["attacks"][row]["digits_cnn"]
+        assert list(cells) == attack_names("all")
+        worst = r["worst_case"][row]["digits_cnn"]
+        best = max(c["accuracy"]["mean"] for c in cells.values())
+        assert worst["accuracy"]["mean"] == best and cells[worst["attacks"][0]]["accuracy"]["mean"] == best
+        # The label-mode attack is the query protocol's student itself (the same training, to the bit).
+        same = pytest.approx(r["students"]["query"][row]["digits_cnn"]["accuracy"]["mean"], abs=5e-5)  # 4 places
+        assert cells["soft"]["accuracy"]["mean"] == same
+        assert first["students"]["query"][row]["digits_cnn"]["accuracy"]["mean"] == same.expected
+    resistance = r["resistance"]["ast"]["digits_cnn"]["mean"]
+    assert resistance == pytest.approx(r["worst_case"]["base"]["digits_cnn"]["accuracy"]["mean"]
+                                       - r["worst_case"]["ast"]["digits_cnn"]["accuracy"]["mean"])
+    assert r["resistance"]["base"]["digits_cnn"]["mean"] == 0.0
+    md = (root / "suite" / "results.md").read_text()
+    assert "## The attack suite (query protocol)" in md and "worst-case digits_cnn (%)" in md
+    assert (root / "suite" / "attacks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -129,6 +159,7 @@ def test_a_serving_time_defense_is_a_query_protocol_row_on_the_base_network(smok
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--teachers", "base,round", "--protocols", "paper"], "round is a serving-time defense"),
     (["--teachers", "base,none"], "unknown teacher 'none'"),
+    (["--attacks", "soft,bogus"], "unknown attack 'bogus'"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     code = main(["--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), *args])
@@ -188,7 +219,7 @@ def test_a_student_run_another_job_holds_is_waited_for_then_trained_once(tmp_pat
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     r = json.loads((tmp_path / "r1" / "results.json").read_text())
-    assert r["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 2}  # that student alone, once
+    assert r["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 2, "attacks": 0}  # that student, once
     assert (student / "metrics.json").exists()
 
 
@@ -196,14 +227,15 @@ def test_jobs_fan_teachers_and_student_groups_out_to_processes_and_train_each_ex
     # The sweep's row "ast alpha=0.05" is the default ast again: its teacher and students are the same runs as
     # ast's, held by other jobs of the same wave, and must still be trained once.
     argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base,ast,st", "--seeds", "2", "--teacher-seed",
-            "0", "--sweep", "alpha=0.05", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"),
-            "--no-progress", "--device", "cpu"]
+            "0", "--sweep", "alpha=0.05", "--attacks", "soft", "--out", str(tmp_path / "r"), "--work-dir",
+            str(tmp_path / "w"), "--no-progress", "--device", "cpu"]
     assert main([*argv, "--jobs", "2"]) == 0
     r = json.loads((tmp_path / "r" / "results.json").read_text())
     assert r["run"]["jobs"] == 2
     # base and ast once (4 epochs each); per seed 7 student groups' worth of cnn5 (alone, paper x3, query x3),
     # 2 epochs each: nothing trained twice by two workers, nothing left for the sequential pass.
-    assert r["run"]["trained"] == {"teacher_epochs": 8, "student_epochs": 2 * 7 * 2}
+    # The attack suite (soft alone here) runs once per row and seed: the sweep's row is ast's again.
+    assert r["run"]["trained"] == {"teacher_epochs": 8, "student_epochs": 2 * 7 * 2, "attacks": 3 * 2}
     for protocol in ("paper", "query"):
         assert r["students"][protocol]["ast alpha=0.05"] == r["students"][protocol]["ast"]
         for name in ("base", "ast", "st"):
@@ -211,5 +243,5 @@ def test_jobs_fan_teachers_and_student_groups_out_to_processes_and_train_each_ex
     assert len(list((tmp_path / "w" / "logs").glob("worker-*.log"))) == 2
     assert main(argv) == 0  # the same evaluation in one process finds every job done
     again = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert again["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 0}
+    assert again["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 0, "attacks": 0}
     assert again["teachers"] == r["teachers"] and again["students"] == r["students"]

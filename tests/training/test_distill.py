@@ -81,6 +81,24 @@ def test_kd_with_top_k_sees_only_the_k_largest_teacher_logits():
 
 
 def test_an_unknown_label_mode_names_the_known_ones():
-    with pytest.raises(UnknownName, match="unknown label mode 'fuzzy'; known: soft, logit, hard"):
+    with pytest.raises(UnknownName, match="unknown label mode 'fuzzy'; known: soft, logit-kd, logit, logit-l1, hard"):
         student_targets(torch.ones(1, 2) / 2, "fuzzy", 1.0)
-    assert list(LABEL_MODES) == ["soft", "logit", "hard"]
+
+
+def test_logit_kd_targets_are_the_centred_log_probabilities_at_t():
+    z = torch.tensor([[2.0, 0.5, -1.0]])
+    got = student_targets(torch.softmax(z, 1), "logit-kd", 2.0)
+    torch.testing.assert_close(got, torch.softmax(z / 2, 1))
+    # A zeroed class comes back at the floor 1e-12 (logit keeps the 1e-8 of earlier versions).
+    got = student_targets(torch.tensor([[1.0, 0.0]]), "logit-kd", 1.0)
+    torch.testing.assert_close(got, torch.tensor([[1.0, 1e-12]]) / (1 + 1e-12))
+
+
+def test_logit_l1_regresses_the_logits_onto_the_centred_log_probabilities():
+    # p = softmax(1, 0, -1): z = log p - mean(log p) = (1, 0, -1) exactly.
+    p = torch.softmax(torch.tensor([[1.0, 0.0, -1.0]]), 1)
+    targets = student_targets(p, "logit-l1", 4.0)
+    torch.testing.assert_close(targets, torch.tensor([[1.0, 0.0, -1.0]]))
+    s = torch.tensor([[1.5, 0.0, -1.0]])  # off by 0.5 on one logit: L1 summed over classes = 0.5
+    loss, _ = distill_loss(s, targets, None, mode="logit-l1", temperature=4.0, alpha=1.0)
+    assert loss.item() == pytest.approx(0.5, rel=1e-6)
