@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from astguard.registry import UnknownName
-from training.distill import LABEL_MODES, distill_loss, kd_recipe, student_targets
+from training.distill import distill_loss, kd_recipe, student_targets
 
 
 def test_soft_targets_are_the_answers_as_returned():
