@@ -11,12 +11,13 @@ package's loop, and writes OUT/report.json and OUT/report.md. The steps are the 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the packages importable, keep clients/ off sys.path
@@ -29,7 +30,7 @@ from clients.attack.answers import TransferSet, buy, buy_cached  # noqa: E402
 from clients.attack.queries import NOISE, fit_to_victim, plan_queries  # noqa: E402
 from clients.attack.attacks import ATTACKS, Setting, attack_names, run_attack, worst_case  # noqa: E402
 from clients.attack.student import StudentSpec, reference_student, score  # noqa: E402
-from clients.attack.victim import open_endpoint  # noqa: E402
+from clients.attack.victim import BlockingEndpoint  # noqa: E402
 from clients.client import AstguardError, Unauthorized, Unavailable, Unreachable  # noqa: E402
 from training.data import DataError, Split, load_split, parse_spec  # noqa: E402
 from training.distill import LABEL_MODES  # noqa: E402
@@ -118,17 +119,20 @@ def _transfer_set(cfg: StealConfig, card) -> TransferSet:
     return TransferSet.planned(images, labels, card.num_classes, meta)
 
 
-async def _steal(cfg: StealConfig, device) -> dict:
+def _steal(cfg: StealConfig, device) -> dict:
     """Buy the shared transfer set and the evaluation answers, then run the attacks, which may buy more; the
-    endpoint stays open throughout (the attacks train in a worker thread and ask through this event loop)."""
-    async with open_endpoint(cfg.url, cfg.api_key, images_per_request=cfg.images_per_request,
-                             concurrency=cfg.concurrency, retries=cfg.retries) as victim:
-        card = victim.card
+    endpoint stays open throughout."""
+    with BlockingEndpoint(cfg.url, cfg.api_key, images_per_request=cfg.images_per_request,
+                          concurrency=cfg.concurrency, retries=cfg.retries) as endpoint:
+        card = endpoint.card
         transfer = _transfer_set(cfg, card)
+        if cfg.overwrite and (cfg.out / "attacks").exists():  # their own answers belong to the plan thrown away
+            shutil.rmtree(cfg.out / "attacks")
         stop_reason, query_s, asked = "reused", 0.0, int((~transfer.answered).sum())
         if not cfg.reuse:
             try:
-                stop_reason, query_s = await buy(victim, transfer, cfg.out / TRANSFER, progress=cfg.progress)
+                stop_reason, query_s = endpoint.call(buy(endpoint.victim, transfer, cfg.out / TRANSFER,
+                                                         progress=cfg.progress))
             except (Unreachable, Unavailable) as e:
                 raise StealError(f"the server stopped answering after {int(transfer.answered.sum())} of "
                                  f"{len(transfer.probs)} queries ({e.message}); the answers so far are saved in "
@@ -144,8 +148,8 @@ async def _steal(cfg: StealConfig, device) -> dict:
             i = card.input
             test = Split(fit_to_victim(ev.images, i.channels, (i.height, i.width)), ev.labels)
             try:
-                probs = await buy_cached(victim, test.images, cfg.out / EVAL_ANSWERS, cfg.eval,
-                                         progress=cfg.progress)
+                probs = endpoint.call(buy_cached(endpoint.victim, test.images, cfg.out / EVAL_ANSWERS, cfg.eval,
+                                                 progress=cfg.progress))
             except (Unreachable, Unavailable) as e:
                 raise StealError(f"the server stopped answering while the evaluation set was queried "
                                  f"({e.message}); the answers so far are saved in {cfg.out}: rerun the same "
@@ -153,32 +157,24 @@ async def _steal(cfg: StealConfig, device) -> dict:
                                  "set again", 3) from None
             victim_eval = None if np.isnan(probs).any() else probs  # the budget ran out: no victim figures
 
-        loop = asyncio.get_running_loop()
-
-        def ask(images, probs):  # from the attacks' thread, through this loop's client
-            return asyncio.run_coroutine_threadsafe(victim.answer(images, probs, progress=cfg.progress),
-                                                    loop).result()
-
-        def attacks() -> tuple[dict, float]:
-            t1 = time.perf_counter()
-            results = {}
-            for name in cfg.attacks:
-                setting = Setting(card, victim.defense, ask, transfer, test, victim_eval, cfg.student_spec,
-                                  cfg.out / "attacks" / name, device, cfg.temperature, cfg.use_labels, cfg.alpha,
-                                  cfg.reuse, cfg.progress, cfg.seed)
-                try:
-                    results[name] = run_attack(name, setting)
-                except (Unreachable, Unavailable) as e:
-                    raise StealError(f"the server stopped answering during the {name} attack ({e.message}); the "
-                                     f"answers so far are saved under {cfg.out}: rerun the same command with "
-                                     "--resume to continue", 3) from None
-                except FileNotFoundError as e:  # --reuse of an attack that never bought its own answers
-                    raise StealError(str(e)) from None
-            return results, time.perf_counter() - t1
-
-        results, train_s = await asyncio.to_thread(attacks)
-    return {"victim": victim, "transfer": transfer, "stop_reason": stop_reason, "query_s": query_s,
-            "newly": newly, "test": test, "victim_eval": victim_eval, "attacks": results, "train_s": train_s}
+        t1 = time.perf_counter()
+        results = {}
+        for name in cfg.attacks:
+            setting = Setting(card, endpoint.defense, partial(endpoint.answer, progress=cfg.progress), transfer, test,
+                              victim_eval, cfg.student_spec, cfg.out / "attacks" / name, device, cfg.temperature,
+                              cfg.use_labels, cfg.alpha, cfg.reuse, cfg.progress, cfg.seed)
+            try:
+                results[name] = run_attack(name, setting)
+            except (Unreachable, Unavailable) as e:
+                raise StealError(f"the server stopped answering during the {name} attack ({e.message}); the "
+                                 f"answers so far are saved under {cfg.out}: rerun the same command with --resume "
+                                 "to continue", 3) from None
+            except FileNotFoundError as e:  # --reuse of an attack that never bought its own answers
+                raise StealError(str(e)) from None
+        defense = endpoint.defense
+    return {"card": card, "defense": defense, "transfer": transfer, "stop_reason": stop_reason, "query_s": query_s,
+            "newly": newly, "test": test, "victim_eval": victim_eval, "attacks": results,
+            "train_s": time.perf_counter() - t1}
 
 
 def attack(cfg: StealConfig) -> dict:
@@ -186,7 +182,7 @@ def attack(cfg: StealConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     try:
-        done = asyncio.run(_steal(cfg, device))
+        done = _steal(cfg, device)
     except Unauthorized as e:
         raise StealError(f"the server refused the API key ({e.message})") from None
     except Unreachable as e:
@@ -195,14 +191,14 @@ def attack(cfg: StealConfig) -> dict:
         raise StealError(f"the server answered {e.message}") from None
     except CardError as e:
         raise StealError(f"the server's model card is not valid: {e}") from None
-    card, transfer, test, results = done["victim"].card, done["transfer"], done["test"], done["attacks"]
+    card, transfer, test, results = done["card"], done["transfer"], done["test"], done["attacks"]
     images, _, labels = transfer.bought()
     worst = worst_case(results)
     headline = results[worst["attack"]] if worst else results[cfg.attacks[0]]
     newly, query_s = done["newly"], done["query_s"]
     report = {
         "victim": {"url": cfg.url, "name": card.name, "version": card.version, "sha256": card.sha256,
-                   "teacher": card.teacher_type, "output_defense": done["victim"].defense},
+                   "teacher": card.teacher_type, "output_defense": done["defense"]},
         "victim_accuracy": headline.get("victim_accuracy"), "student_accuracy": headline["student_accuracy"],
         "agreement": headline["agreement"], "kl": headline["kl"],
         "reference_accuracy": None, "chance": round(1 / card.num_classes, 4),

@@ -128,7 +128,8 @@ class EvalConfig:
     kd_alpha: float = option(KD_ALPHA, "paper protocol's KD weight")
     label_mode: str = option("soft", "query protocol's student targets (registry key)", choices=tuple(LABEL_MODES))
     attacks: str = option("all", "the attack suite run against every row in the query protocol: a comma-separated "
-                                 "list, or all (listed below); its worst case is what each defense is judged by")
+                                 "list, all, or none (listed below); its worst case is what each defense is judged "
+                                 "by")
     url: str | None = option(None, "also evaluate a live astguard service (query protocol; its answers are paid "
                                    "for once)")
     api_key: str | None = option(None, "API key for --url")
@@ -154,7 +155,7 @@ class EvalConfig:
             (self.jobs >= 1, f"--jobs must be at least 1, got {self.jobs}"),
             (0 <= self.kd_alpha <= 1, f"--kd-alpha must be in [0, 1], got {self.kd_alpha}"),
         ]
-        attack_names(self.attacks)  # an unknown attack fails here, naming the known ones
+        attack_names(self.attacks, allow_none=True)  # an unknown attack fails here, naming the known ones
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

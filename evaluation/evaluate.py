@@ -145,7 +145,7 @@ class Evaluation:
             if served:
                 raise ValueError(f"--teachers {served[0]} is a serving-time defense, evaluated with the query "
                                  "protocol; add query to --protocols")
-        self.attacks = attack_names(cfg.attacks) if cfg.attacks and "query" in cfg.protocols else []
+        self.attacks = attack_names(cfg.attacks, allow_none=True) if "query" in cfg.protocols else []
         self.trained = {"teacher_epochs": 0, "student_epochs": 0, "attacks": 0}
         self.seconds = {"teachers": 0.0, "paper_students": 0.0, "query_students": 0.0, "attacks": 0.0}
 
@@ -409,9 +409,13 @@ class Evaluation:
                                mean=tuple(data.mean), std=tuple(data.std))
             out[arch] = {}
             for name in self.attacks:
-                settings = {**self.student_settings(arch, student_seed, "attack", source), "attack": name,
-                            "attack_params": ATTACKS[name].defaults}
+                # As JSON stores it (tuples become lists), so that the key read back compares equal.
+                settings = json.loads(json.dumps({**self.student_settings(arch, student_seed, "attack", source),
+                                                  "attack": name, "attack_params": ATTACKS[name].defaults}))
                 folder = self.work / "attacks" / f"{arch}-{name}-{settings_hash(settings)}"
+                # Queries that do not depend on the student (smoothing's, noise's) are bought once for every student.
+                bought = {k: v for k, v in settings.items() if k not in ("arch",)}
+                answers_dir = self.work / "attacks" / "answers" / f"{name}-{settings_hash(bought)}"
                 with exclusive(folder.with_name(folder.name + ".lock")):
                     done = folder / "result.json"
                     if done.exists() and json.loads(done.read_text()).get("key") == settings:
@@ -420,8 +424,12 @@ class Evaluation:
                         t0 = time.time()
                         setting = Setting(card, defense, ask, transfer, data.test, test_answers, spec, folder,
                                           self.device, temperature=self.kd_t, progress=self.eval_cfg.progress,
-                                          seed=cfg.seed)
-                        result = run_attack(name, setting)
+                                          seed=cfg.seed, answers_dir=answers_dir)
+                        try:
+                            with exclusive(answers_dir.with_name(answers_dir.name + ".lock")):
+                                result = run_attack(name, setting)
+                        except AstguardError as e:
+                            raise RunError(f"--url {self.eval_cfg.url}, during the {name} attack: {e}") from None
                         self.seconds["attacks"] += time.time() - t0
                         self.trained["attacks"] += 1
                         write_atomic(done, lambda tmp: tmp.write_text(json.dumps({"key": settings, "result": result},

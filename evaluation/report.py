@@ -64,9 +64,9 @@ def attack_tables(results: dict) -> list[str]:
     attacked = [r for r in _main_rows(results) + [v["row"] for vs in results.get("sweeps", {}).values() for v in vs]
                 if r in results["attacks"]]
     lines = ["## The attack suite (query protocol)", "",
-             "Each attack's student accuracy (%) on the test set; a row's worst case (its most accurate thief) in "
-             "bold. The worst case is what a defense is judged by: `resistance` above is Base's worst case minus the "
-             "row's, seed by seed, in points.", ""]
+             "Each attack's student accuracy (%) on the test set; in bold, the attack with the highest mean. The worst "
+             "case is what a defense is judged by: the columns above take each seed's most accurate thief, and "
+             "`resistance` is Base's worst case minus the row's, seed by seed, in points.", ""]
     for s in results["settings"]["students"]:
         names = list(results["attacks"][attacked[0]][s]) if attacked else []
         lines += [f"Student `{s}`:", "", "| Teacher | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

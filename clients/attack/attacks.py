@@ -21,13 +21,18 @@ from torch import Tensor, nn
 
 from astguard.card import ModelCard
 from astguard.registry import Registry
-from clients.attack.answers import TransferSet
+from clients.attack.answers import TransferSet, digest
 from clients.attack.queries import NOISE, plan_queries
 from clients.attack.student import StudentSpec, distill_group, distill_student, score
 from training.data import Split, batch_crop_flip
 from training.distill import LABEL_MODES
 
 Ask = Callable[[Tensor, np.ndarray], tuple[str, float]]  # fill the NaN rows of probs for images; (stop reason, s)
+
+
+class AttackError(ValueError):
+    """An attack that cannot run with what the thief has (no answers left in the budget...): one line, not a
+    traceback."""
 
 
 @dataclass
@@ -48,6 +53,8 @@ class Setting:
     reuse: bool = False  # train on what was bought before, buy nothing
     progress: bool = False
     seed: int = 0
+    answers_dir: Path | None = None  # where answers to queries that do not depend on the student are kept (several
+    #                                  students of one victim then pay once); default: `out`
 
     @property
     def budget(self) -> int:
@@ -61,13 +68,16 @@ class Setting:
         """Where the training loop logs its test accuracy when the thief has no labelled set: the victim's top-1."""
         return self.test or Split(images, probs.argmax(1))
 
-    def own_answers(self, name: str, images: Tensor, labels: Tensor | None, meta: dict, folder: str = ""
-                    ) -> tuple[TransferSet, int]:
-        """The victim's answers to an attack's own queries, kept in out/[folder/]transfer.npz: a rerun with the same
-        plan reads them back (its saved images too) and asks only for what is missing (with `reuse`, nothing).
-        Returns the set and the queries newly bought."""
-        path = self.out / folder / "transfer.npz"
-        meta = {"attack": name, "victim_sha256": self.card.sha256, **meta}
+    def own_answers(self, name: str, images: Tensor, labels: Tensor | None, meta: dict, folder: str = "",
+                    shared: bool = False) -> tuple[TransferSet, int]:
+        """The victim's answers to an attack's own queries, kept in out/[folder/]transfer.npz (with `shared`, queries
+        that do not depend on the student: in answers_dir). A rerun with the same plan reads them back (its saved
+        images too) and asks only for what is missing (with `reuse`, nothing); a plan is the same when the victim,
+        its output defense, the shared transfer set's plan and `meta` are. Returns the set and the queries newly
+        bought in this run."""
+        path = ((self.answers_dir or self.out) if shared else self.out) / folder / "transfer.npz"
+        meta = {"attack": name, "victim_sha256": self.card.sha256, "defense": self.defense,
+                "shared_plan": self.transfer.meta, **meta}
         transfer = None
         if path.exists():
             saved = TransferSet.load(path)
@@ -113,9 +123,11 @@ def register_attack(name: str, run: Callable[..., Stolen], *, summary: str, assu
                             in_all=in_all)
 
 
-def attack_names(text: str) -> list[str]:
-    """`all`, or a comma-separated list of registered attacks."""
+def attack_names(text: str, *, allow_none: bool = False) -> list[str]:
+    """`all`, a comma-separated list of registered attacks, or (where allowed) `none`."""
     names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["none"] and allow_none:
+        return []
     if names == ["all"]:
         return [e.name for e in ATTACKS.entries() if e.get("in_all", True)]
     for n in names:
@@ -212,15 +224,19 @@ def smoothed_answers(setting: Setting, n: int) -> tuple[Tensor, Tensor, Tensor |
     returns the images whose n answers all came back, the mean of their n answers, their labels, and the queries
     bought."""
     images, labels = setting.transfer.images, setting.transfer.labels
-    m = max(1, setting.budget // n)
+    m = setting.budget // n
+    if m < 1:
+        raise AttackError(f"the smoothing attack asks each image {n} times: a budget of {setting.budget} is too small")
     base = images[:m]
     g = torch.Generator().manual_seed(setting.seed + 1)
     pad = max(1, base.shape[2] // 8)
     views = torch.cat([batch_crop_flip([base], pad, setting.spec.flip, g)[0] for _ in range(n)])
-    own, bought = setting.own_answers("smoothing", views, None, {"n": n, "images": m, "seed": setting.seed})
+    own, bought = setting.own_answers("smoothing", views, None, {"n": n, "images": m, "seed": setting.seed,
+                                                                 "flip": setting.spec.flip, "views": digest(views)},
+                                      shared=True)
     complete = own.answered.reshape(n, m).all(0)  # an image counts once all its n answers are in
     if not complete.any():
-        raise RuntimeError("the smoothing attack got no complete set of answers (the budget ran out)")
+        raise AttackError("the smoothing attack got no complete set of answers (the server's budget ran out)")
     mean = torch.from_numpy(own.probs.reshape(n, m, -1)[:, complete].mean(0))
     keep = torch.from_numpy(complete)
     return base[keep], mean, labels[:m][keep] if labels is not None else None, bought
@@ -246,8 +262,11 @@ def noise(setting: Setting, mode: str = "soft") -> Stolen:
     """Uniform random pixels as queries: a thief with no data at all."""
     c, h, w = setting.card.input.channels, setting.card.input.height, setting.card.input.width
     images, _ = plan_queries(NOISE, setting.budget, channels=c, size=(h, w), seed=setting.seed + 2)
-    own, bought = setting.own_answers("noise", images, None, {"seed": setting.seed, "budget": setting.budget})
+    own, bought = setting.own_answers("noise", images, None, {"seed": setting.seed, "budget": setting.budget,
+                                                             "images": digest(images)}, shared=True)
     x, probs, _ = own.bought()
+    if len(x) == 0:
+        raise AttackError("the noise attack got no answers (the server's budget ran out)")
     student, _ = distill_student(setting.spec, x, probs, None, setting.fallback_test(x, probs),
                                  setting.out / "student", mode=mode, temperature=setting.temperature,
                                  device=setting.device, progress=setting.progress)

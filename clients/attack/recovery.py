@@ -14,6 +14,7 @@ defended recipe.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -70,11 +71,11 @@ def recover(mlp: RecoveryMLP, probs: Tensor) -> Tensor:
 
 
 def thief_recipe(setting: Setting) -> tuple[str, dict]:
-    """The defended recipe the thief reproduces, and its hyperparameters from the card (those Config has): the
-    card's recipe; for a base model behind an output defense, the base itself (the defense is all there is to
-    undo); AST when the card names no defended recipe and no output defense is in force."""
+    """The recipe the thief reproduces, and its hyperparameters from the card (those Config has): the recipe the card
+    names (for a base, the base itself: whatever output defense it serves behind is then all there is to undo);
+    when the card names none the thief knows, the base behind an output defense, or else AST."""
     name = setting.card.teacher_type
-    if name in TEACHERS and name != "base":
+    if name in TEACHERS:
         known = set(Config.__dataclass_fields__)
         hyper = (setting.card.teacher.hyperparameters if setting.card.teacher else {}) or {}
         return name, {k: tuple(v) if isinstance(v, list) else v for k, v in hyper.items() if k in known}
@@ -95,7 +96,8 @@ def thief_teachers(setting: Setting, images: Tensor, labels: Tensor, classes: in
     s = setting.spec
     cfg = make_config(None, dataset=f"thief-{digest}", arch=s.arch, epochs=epochs, lr=s.lr, batch_size=s.batch_size,
                       crop_pad=s.crop_pad, flip=s.flip, seed=s.seed, teacher=recipe, **hyper)
-    out = setting.out / "teachers" / recipe
+    key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    out = setting.out / "teachers" / f"{recipe}-{key}"  # its data and settings: another run trains its own
     summary = run(cfg, out, device=str(setting.device), cache_dir=setting.out / "teachers" / ".cache",
                   resume=True, progress=setting.progress, data=data, export=False)
     base = load_trained(cfg, data, out / "base" / "checkpoint.pt", setting.device)

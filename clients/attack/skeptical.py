@@ -8,8 +8,9 @@ Loss, as in the authors' released code (train_kd_to_SD.py), with no true labels 
   + 0.3 * KL(softmax(final/T) || softmax(late/T)) + 0.7 * CE(late, y)          a late head learns from the final one
   + CE(final, y)                                                               the final head: the labels only
 The paper's networks carry several auxiliary heads with attention modules; here any architecture of the registry
-gets two shallow heads (1x1 conv -> BN -> ReLU -> global pool -> linear), placed by a hook: the early one after the
-first stage that downsamples, the late one after the last feature map. The released code delays the KD term by
+gets two shallow heads (1x1 conv -> BN -> ReLU -> global pool -> linear), placed by a hook on the network's main
+path (its layers and blocks in order, a residual block as one step): the early one after the first step that
+downsamples, the late one after the last feature map. The released code delays the KD term by
 `kd_delay` epochs; here it starts at once (the delay is not in the released parameter files).
 """
 from __future__ import annotations
@@ -28,15 +29,23 @@ from training.losses import kl_divergence
 from training.teachers import Context, Recipe
 
 
+def _main_path(module: nn.Module):
+    """The modules a forward pass runs one after another: the children of `module`, looking through Sequentials but
+    not into other modules (a residual block is one step; its shortcut is not on the path)."""
+    for child in module.children():
+        if isinstance(child, nn.Sequential):
+            yield from _main_path(child)
+        else:
+            yield child
+
+
 def _stages(body: nn.Module, sample: Tensor) -> list[tuple[nn.Module, torch.Size]]:
-    """The modules of `body` that sit in a Sequential and give a feature map, in the order they run, with their
-    output shapes (one forward pass of `sample`)."""
-    in_sequence = {id(m) for s in body.modules() if isinstance(s, nn.Sequential) for m in s}
+    """The modules on the body's main path that give a feature map, in the order they run, with their output
+    shapes (one forward pass of `sample`)."""
     found, hooks = [], []
-    for m in body.modules():
-        if id(m) in in_sequence:
-            hooks.append(m.register_forward_hook(lambda mod, inp, out: found.append((mod, out.shape))
-                                                 if out.dim() == 4 else None))
+    for m in _main_path(body):
+        hooks.append(m.register_forward_hook(lambda mod, inp, out: found.append((mod, out.shape))
+                                             if out.dim() == 4 else None))
     try:
         body.eval()
         with torch.no_grad():
@@ -68,7 +77,7 @@ class SkepticalStudent(nn.Module):
         stages = _stages(body, sample)
         side = sample.shape[-1]
         early = next(((m, s) for m, s in stages if s[-1] < side), stages[0])
-        late = stages[-1]
+        late = next((st for st in reversed(stages) if st[1][-1] > 1), stages[-1])  # before any global pooling
         self.early_head, self.late_head = _head(early[1][1], classes), _head(late[1][1], classes)
         self._features: dict[str, Tensor] = {}
         early[0].register_forward_hook(lambda mod, inp, out: self._features.__setitem__("early", out))

@@ -62,6 +62,8 @@ def distill_student(spec: StudentSpec, images: Tensor, probs: Tensor, labels: Te
                     out_dir: Path, *, mode: str, temperature: float, alpha: float = 1.0, device: torch.device,
                     progress: bool = True) -> tuple[nn.Module, list[dict]]:
     """A student fitted to the victim's answers `probs` on `images`; returns it and its per-epoch history."""
+    if len(images) == 0:
+        raise ValueError("no answered queries to train a student on")
     model = new_student(spec, images, probs.shape[1], device)
     recipe, targets, y = distillation(probs, labels, mode=mode, temperature=temperature, alpha=alpha)
     cfg = spec.config()

@@ -6,6 +6,7 @@ it stopped. Answers already bought are in the array whatever happens, so a calle
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -62,6 +63,72 @@ async def open_endpoint(url: str, api_key: str | None = None, *, images_per_requ
         yield EndpointVictim(client, info, images_per_request=images_per_request, concurrency=concurrency)
     finally:
         await client.aclose()
+
+
+class BlockingEndpoint:
+    """A live service for synchronous code (the attacks train between their queries): the client's event loop runs
+    in a daemon thread, and `answer` blocks the caller until the answers are in. Ctrl-C interrupts the caller, not
+    a thread it would have to wait for.
+
+        with BlockingEndpoint(url, key) as endpoint:
+            endpoint.answer(images, probs)
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, *, images_per_request: int = 16, concurrency: int = 4,
+                 retries: int = 6):
+        self.url, self.api_key = url, api_key
+        self.images_per_request, self.concurrency, self.retries = images_per_request, concurrency, retries
+        self.victim: EndpointVictim | None = None
+
+    def __enter__(self) -> "BlockingEndpoint":
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="astguard-endpoint", daemon=True)
+        self._thread.start()
+        try:
+            self.victim = self.call(self._open())
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    async def _open(self) -> EndpointVictim:
+        client = AsyncAstguardClient(self.url, self.api_key, concurrency=self.concurrency,
+                                     batch_size=self.images_per_request, retries=self.retries)
+        try:
+            info = await client.model_info()
+            return EndpointVictim(client, info, images_per_request=self.images_per_request,
+                                  concurrency=self.concurrency)
+        except BaseException:
+            await client.aclose()
+            raise
+
+    def call(self, coroutine):
+        """Run a coroutine on the endpoint's loop and wait for its result (its exception is raised here)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    @property
+    def card(self) -> ModelCard:
+        return self.victim.card
+
+    @property
+    def defense(self) -> dict:
+        return self.victim.defense
+
+    def answer(self, images: torch.Tensor, probs: np.ndarray, *, progress: bool = False) -> tuple[str, float]:
+        return self.call(self.victim.answer(images, probs, progress=progress))
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.victim is not None:
+                self.call(self.victim.client.aclose())
+        finally:
+            self._stop()
 
 
 async def query_victim(client: AsyncAstguardClient, images: torch.Tensor, probs: np.ndarray, *,

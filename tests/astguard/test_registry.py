@@ -81,7 +81,10 @@ def test_every_teacher_recipe_and_defense_reaches_the_evaluation_and_its_help():
     from evaluation.evaluate import build_parser
 
     help_text = build_parser().format_help()
-    for name in [*TEACHERS, *DEFENSES]:
-        assert (name in help_text) == (name != "none"), name  # `none` is the base row itself
+    rows = help_text.split("serving-time defense rows")[1].split("scales:")[0]
+    for name in TEACHERS:
+        assert f"\n  {name} " in help_text, name
+    for name in DEFENSES:
+        assert (f"\n  {name} " in rows) == (name != "none"), name  # `none` is the base row itself
     assert set(EvalConfig(out=REPO).teachers) == {*TEACHERS, "st"}  # the default rows: every registered teacher
     assert set(row_names()) == {*TEACHERS, "st", *DEFENSES} - {"none"}

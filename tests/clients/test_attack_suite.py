@@ -152,7 +152,11 @@ def test_the_thief_reproduces_the_recipe_the_card_names(victim, shared, tmp_path
     s.card, s.defense = base_card, {"name": "topk", "params": {"k": 2}}
     assert thief_recipe(s)[0] == "base"  # a base behind an output defense: the defense is all there is
     s.defense = {"name": "none", "params": {}}
-    assert thief_recipe(s)[0] == "ast"  # nothing named: AST
+    assert thief_recipe(s)[0] == "base"  # the card names the base: its pair is the base twice
+    s.card = s.card.__class__.from_dict({k: v for k, v in s.card.to_dict().items() if k != "teacher"})
+    assert thief_recipe(s)[0] == "ast"  # nothing named and no output defense: AST
+    s.defense = {"name": "round", "params": {"decimals": 2}}
+    assert thief_recipe(s)[0] == "base"  # nothing named behind an output defense: the defense is all there is
 
 
 def test_the_skeptical_student_has_two_auxiliary_heads_and_its_loss_by_hand(shared):
@@ -179,6 +183,9 @@ def test_the_worst_case_is_the_most_accurate_student_with_agreement_breaking_tie
 def test_all_names_every_attack_but_the_legacy_logit_and_a_bad_name_is_refused():
     assert "logit" not in attack_names("all") and len(attack_names("all")) == len(ATTACKS) - 1
     assert attack_names("hard, soft,hard") == ["hard", "soft"]
+    assert attack_names("none", allow_none=True) == []
+    with pytest.raises(ValueError, match="unknown attack 'none'"):
+        attack_names("none")
     with pytest.raises(ValueError, match="unknown attack 'blur'; known: soft"):
         attack_names("soft,blur")
 
@@ -206,3 +213,20 @@ def test_steal_with_every_attack_reports_each_one_and_the_worst_case(digits_run,
     assert r["student_accuracy"] == worst["student_accuracy"]  # the headline is the worst case
     md = (out / "report.md").read_text()
     assert f"| {worst['attack']} (worst case) |" in md and md.count("\n| ") >= len(r["attacks"]) + 2
+
+
+def test_own_answers_are_kept_for_reuse_and_thrown_away_with_overwrite(digits_run, tmp_path):
+    with serve(digits_run[0] / "model.onnx", "--budget-db", str(tmp_path / "b.sqlite")) as server:
+        def served():
+            return server.metric("astguard_images_served_total", key="anonymous")
+
+        out = tmp_path / "steal"
+        args = ["--url", server.url, "--attack", "noise,smoothing", "--budget", "60", "--student", "digits_cnn",
+                "--epochs", "1", "--no-progress", "--out", str(out)]
+        assert main(args) == 0
+        assert served() == 60 + 60 + 60  # shared, noise's own, smoothing's own
+        assert main([*args, "--reuse"]) == 0 and served() == 180  # trained again, nothing bought
+        assert json.loads((out / "report.json").read_text())["queries_used"] == 0
+        (out / "attacks" / "noise" / "transfer.npz").unlink()
+        assert main([*args, "--reuse"]) == 2  # noise has nothing saved to reuse: one line, no traceback
+        assert main([*args, "--overwrite"]) == 0 and served() == 360  # a new plan: every answer bought again

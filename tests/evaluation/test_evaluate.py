@@ -141,6 +141,10 @@ def test_every_row_is_attacked_by_the_whole_suite_and_judged_by_its_worst_case(s
     md = (root / "suite" / "results.md").read_text()
     assert "## The attack suite (query protocol)" in md and "worst-case digits_cnn (%)" in md
     assert (root / "suite" / "attacks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(argv) == 0  # every attack's result is read back: nothing trained, nothing bought
+    again = json.loads((root / "suite" / "results.json").read_text())
+    assert again["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 0, "attacks": 0}
+    assert again["attacks"] == r["attacks"]
 
 
 @pytest.mark.parametrize("args, message", [
