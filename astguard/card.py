@@ -98,6 +98,7 @@ class ModelCard:
     dataset: DatasetInfo | None = None
     accuracy: dict[str, float] = field(default_factory=dict)  # test accuracy: {"teacher": ..., "base": ...}
     training: dict[str, Any] = field(default_factory=dict)  # every training setting of the teacher's stage
+    robustness: dict[str, Any] = field(default_factory=dict)  # test accuracy under an attack, and the attack
     opset: int | None = None
     verification: dict[str, Any] = field(default_factory=dict)  # onnxruntime against PyTorch, per batch size
     software: dict[str, str] = field(default_factory=dict)
@@ -132,7 +133,7 @@ class ModelCard:
                     "num_classes": ds.num_classes, "mean": list(ds.mean) if ds.mean is not None else None,
                     "std": list(ds.std) if ds.std is not None else None}
             d["dataset"] = {k: v for k, v in full.items() if v is not None}  # what a hand-written card gave
-        for key in ("accuracy", "training"):
+        for key in ("accuracy", "training", "robustness"):
             if getattr(self, key):
                 d[key] = dict(getattr(self, key))
         i = self.input
@@ -153,7 +154,7 @@ class ModelCard:
         if not isinstance(d, dict):
             raise CardError(f"a model card is a JSON object, not {type(d).__name__}")
         known = {"card_version", "created", "name", "version", "class_names", "teacher", "dataset", "accuracy",
-                 "training", "file", "sha256", "input", "outputs", "opset", "verification", "software"}
+                 "training", "robustness", "file", "sha256", "input", "outputs", "opset", "verification", "software"}
         version = _get(d, "card_version", int, CARD_VERSION)
         if version > CARD_VERSION:
             raise CardError(f"card_version {version} is newer than this astguard reads ({CARD_VERSION}); "
@@ -174,6 +175,7 @@ class ModelCard:
             file=_get(d, "file", str, "model.onnx"),
             teacher=_teacher(_get(d, "teacher", dict, None)), dataset=_dataset(_get(d, "dataset", dict, None)),
             accuracy=_get(d, "accuracy", dict, {}), training=_get(d, "training", dict, {}),
+            robustness=_get(d, "robustness", dict, {}),
             opset=_get(d, "opset", int, None), verification=_get(d, "verification", dict, {}),
             software=_get(d, "software", dict, {}), created=_get(d, "created", str, ""), card_version=version,
             extra={k: v for k, v in d.items() if k not in known})

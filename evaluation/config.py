@@ -66,8 +66,18 @@ def serving_defenses() -> list[str]:
     return [d for d in DEFENSES if d != "none"]
 
 
+def teacher_rows() -> list[str]:
+    """The teacher recipes that are rows of their own (the misinformation model only serves beside another)."""
+    return [t for t in TEACHERS if TEACHERS[t].row]
+
+
+def default_rows() -> list[str]:
+    """Every teacher recipe that is a row, the Stingy Teacher, and the defenses registered as default rows."""
+    return [*teacher_rows(), STINGY, *[d for d in serving_defenses() if DEFENSES.entry(d).get("default_row")]]
+
+
 def row_names() -> list[str]:
-    return [*TEACHERS, STINGY, *serving_defenses()]
+    return [*teacher_rows(), STINGY, *serving_defenses()]
 
 
 # ---------------------------------------------------------------- parsing options
@@ -109,9 +119,9 @@ class EvalConfig:
     out: Path = option(help="results folder: results.json, results.md, figures")
     dataset: str = option("digits", "data set spec (digits, cifar10, cifar100, an ImageFolder dir/.zip)")
     data_root: str = option("data", "where cifar10/cifar100 live in torchvision's format")
-    teachers: list[str] = option([*TEACHERS, STINGY], "teacher rows: every teacher recipe, st, or an output defense "
-                                 "on the base network (listed below); default: every teacher recipe and st",
-                                 parse=parse_names)
+    teachers: list[str] = option(default_rows(), "teacher rows: every teacher recipe, st, or an output defense "
+                                 "on the base network (listed below); default: every teacher recipe, st, and the "
+                                 "defenses marked as default rows", parse=parse_names)
     students: list[str] = option(["cnn5"], "student architectures")
     scale: str = option("smoke", "how big (listed below)", choices=tuple(SCALES))
     seeds: list[int] = option([0], "a count N (seeds 0..N-1) or a list 0,3,7", parse=parse_seeds, shown="1")
@@ -172,6 +182,7 @@ class Row:
     top_k: int | None = None  # Stingy Teacher: white-box students see the top-k logits only
     defense: str | None = None  # the output defense its served answers pass through (query protocol)
     defense_params: tuple = ()  # (param, value) pairs
+    models: tuple[str, ...] = ()  # the teacher recipes of the other models the defense reads (trained beside)
     sweep: tuple | None = None  # (field, value) when the row belongs to a sweep
 
     @property
@@ -193,10 +204,11 @@ def build_rows(teachers: list[str], sweeps: list[tuple[str, tuple]], top_k: int)
     for t in teachers:
         if t == STINGY:
             rows.append(Row(STINGY, "base", top_k=top_k, defense="topk", defense_params=(("k", top_k),)))
-        elif t in TEACHERS:
+        elif t in teacher_rows():
             rows.append(Row(t, t))
         elif t in serving_defenses():
-            rows.append(Row(t, "base", defense=t, defense_params=tuple(defense_defaults(t).items())))
+            rows.append(Row(t, "base", defense=t, defense_params=tuple(defense_defaults(t).items()),
+                            models=tuple(DEFENSES.entry(t).get("models", ()))))
         else:
             raise ValueError(f"unknown teacher {t!r}; known: {', '.join(row_names())}")
     for name, values in sweeps:

@@ -26,7 +26,7 @@ import json
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ from training.loop import Member, RunError, fit_group, predict_logits, resolve_d
 from training.losses import sparse_topk_logits, top_k_from_ratio
 from training.models import MODELS, create_model
 from training.pgd import pgd_linf
+from training.robustness import robust_setting
 from training.teachers import TEACHERS, Context
 from training.train_ast import BASE_FIELDS, load_data, load_trained, run, stage_settings
 
@@ -122,6 +123,8 @@ class Evaluation:
         preset = cfg.preset or default_preset(self.full)
         teacher_overrides = {**self.scale.teacher, **dict(cfg.set)}
         self.cfg = make_config(preset, dataset=cfg.dataset, data_root=cfg.data_root, **teacher_overrides)
+        if self.cfg.ood is None:  # InI's OOD images: TinyImageNet is not here; noise on digits, upscaled digits else
+            self.cfg = replace(self.cfg, ood="noise" if self.full.name == "digits" else "digits")
         validate(self.cfg)
         self.top_k = self.cfg.top_k or top_k_from_ratio(self.cfg.sparse_ratio, self.full.num_classes)
         self.rows = build_rows(cfg.teachers, cfg.sweep, self.top_k)
@@ -242,11 +245,15 @@ class Evaluation:
                 "protocol": protocol, **source}
 
     # -- answers
-    def served_answers(self, onnx_path: str, images: torch.Tensor, row: Row) -> torch.Tensor:
-        """What the service would return: the ONNX model in onnxruntime behind the row's output defense."""
-        victim = OnnxVictim(onnx_path, defense=row.defense or "none", params=dict(row.defense_params),
-                            device="cpu" if self.device.type == "cpu" else str(self.device))
-        return torch.from_numpy(answers(victim, images))
+    def served(self, row: Row, net) -> OnnxVictim:
+        """What the service would serve for the row: its network's ONNX export in onnxruntime, behind the row's
+        output defense, with the other models that defense reads (trained beside it)."""
+        return OnnxVictim(net(row)["onnx"], defense=row.defense or "none", params=dict(row.defense_params),
+                          models={m: net(Row(m, m))["onnx"] for m in row.models},
+                          device="cpu" if self.device.type == "cpu" else str(self.device))
+
+    def served_answers(self, row: Row, net, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(answers(self.served(row, net), images))
 
     def query_set(self, seed: int) -> Split:
         if seed not in self._queries:  # asked for at start-up, per seed and for the report: drawn once
@@ -303,7 +310,7 @@ class Evaluation:
                 answers.update(self.served_endpoint(seed, data.test))
             return answers
         res = {"teachers": {}, "statistics": {}, "students": {p: {} for p in PROTOCOLS}, "histograms": {},
-               "attacks": {}}
+               "attacks": {}, "robust": {}}
         if only is None:
             self.teacher_cells(res, data.test, net, served)
         for name, protocol, row in self.groups():
@@ -321,12 +328,15 @@ class Evaluation:
             elif row.kind == "serving-time defense":  # the label is the model's own top-1, whatever the defense
                 teacher = net(row)
                 top1 = predict_logits(teacher["model"], test.images, self.device, self.cfg.eval_batch_size).argmax(1)
-                probs = student_targets(self.served_answers(teacher["onnx"], test.images, row), "logit", self.kd_t)
+                probs = student_targets(self.served_answers(row, net, test.images), "logit", self.kd_t)
             else:
                 logits = predict_logits(net(row)["model"], test.images, self.device, self.cfg.eval_batch_size)
                 shown = sparse_topk_logits(logits, row.top_k) if row.top_k else logits
                 top1, probs = logits.argmax(1), torch.softmax(shown / self.kd_t, dim=1)
             res["teachers"][row.name] = float((top1 == test.labels).float().mean())
+            # Robustness is the network's (measured in training, in its card); an output defense leaves it alone.
+            card = served()["card"] if row.network == ENDPOINT else None
+            res["robust"][row.name] = card.robustness.get("accuracy") if card else net(row)["robust_accuracy"]
             res["statistics"][row.name] = answer_statistics(probs, test.labels)
             res["histograms"][row.name] = entropy_histogram(probs)
 
@@ -363,11 +373,13 @@ class Evaluation:
                 probs, sha = served()["queries"], served()["card"].sha256
             else:
                 teacher = net(row)
-                probs, sha = self.served_answers(teacher["onnx"], queries.images, row), teacher["key"]
+                probs, sha = self.served_answers(row, net, queries.images), teacher["key"]
             source = {"teacher": sha, "top_k": row.top_k, "label_mode": ec.label_mode,
                       "kd_temperature": self.kd_t, "queries": len(queries.labels)}
             if row.kind == "serving-time defense":  # the defense is part of what the students learn from
                 source["defense"] = [row.defense, dict(row.defense_params)]
+                if row.models:
+                    source["models"] = {m: net(Row(m, m))["key"] for m in row.models}
             recipe, targets, top1 = distillation(probs, None, mode=ec.label_mode, temperature=self.kd_t)
             jobs = [(arch, arch, recipe, self.student_settings(arch, student_seed, "query", source))
                     for arch in ec.students]
@@ -393,8 +405,7 @@ class Evaluation:
                         return await v.answer(images, answers)
                 return asyncio.run(go())
         else:
-            victim = OnnxVictim(net(row)["onnx"], defense=row.defense or "none", params=dict(row.defense_params),
-                                device="cpu" if self.device.type == "cpu" else str(self.device))
+            victim = self.served(row, net)
             card, defense = victim.card, victim.defense
             test_answers = answers(victim, data.test.images)
 
@@ -453,14 +464,18 @@ class Evaluation:
         base networks, the other teacher networks (which share their base), then every seed's student groups."""
         seeds = list(dict.fromkeys(self.teacher_seed(s) for s in self.eval_cfg.seeds))
         networks = {(r.network, r.overrides): r for r in self.rows if r.network not in (ENDPOINT, "base")}
+        models = dict.fromkeys(m for r in self.rows for m in r.models)  # the models defenses read, trained beside
         return [[(s, "network base") for s in seeds],
-                [(s, f"network {r.name}") for s in seeds for r in networks.values()],
+                [(s, f"network {r.name}") for s in seeds for r in networks.values()]
+                + [(s, f"model {m}") for s in seeds for m in models],
                 [(s, name) for s in self.eval_cfg.seeds for name, _, _ in self.groups()]]
 
     def run_job(self, seed: int, name: str) -> None:
         kind, _, which = name.partition(" ")
         if kind == "network":
             self.train_network(seed, next((r for r in self.rows if r.name == which), Row("base", "base")))
+        elif kind == "model":
+            self.train_network(seed, Row(which, which))
         else:
             self.seed_results(seed, only=name)
 
@@ -480,7 +495,7 @@ class Evaluation:
                 shown["base"] = base["model"](x)
                 shown["base on its PGD image"] = base["model"](x_adv)
         for (network, overrides), net in networks.items():
-            if network != "base" and not overrides:
+            if network != "base" and not overrides and TEACHERS[network].row:
                 with torch.no_grad():
                     shown[network] = net["model"](x)
         out = {"indices": idx, "labels": [int(v) for v in y], "class_names": data.classes,
@@ -502,6 +517,8 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
     base_name = next((r.name for r in rows if r.kind == "teacher" and r.network == "base"), None)
     for row in rows:
         t = {"accuracy": cell(lambda r: r["teachers"][row.name])}
+        if all(r.get("robust", {}).get(row.name) is not None for r in per_seed):
+            t["robust_accuracy"] = cell(lambda r: r["robust"][row.name])
         if base_name:
             t["change_from_base"] = cell(lambda r: r["teachers"][row.name] - r["teachers"][base_name])
         teachers[row.name] = t
@@ -585,6 +602,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                   for r in ev.rows if r.defense},
                      "query_size": len(ev.query_set(ev.teacher_seed(cfg.seeds[0])).labels)
                      if "query" in cfg.protocols else None,
+                     "robustness": {"setting": robust_setting(ev.full)[0], **asdict(robust_setting(ev.full)[1])},
                      "device": str(ev.device), "torch": torch.__version__},
         **aggregate(per_seed, ev.rows, cfg.students, cfg.protocols),
         "sweeps": {name: [{"value": v, "row": f"ast {name}={v}"} for v in values] for name, values in cfg.sweep},

@@ -22,6 +22,12 @@ def _main_rows(results: dict) -> list[str]:
     return results["settings"]["teachers"]
 
 
+def _robust(teacher: dict) -> str:
+    """Accuracy under the card's PGD attack (training/robustness.py); empty where it is not known (an endpoint
+    whose card has none)."""
+    return pm(teacher["robust_accuracy"]) if "robust_accuracy" in teacher else ""
+
+
 def _by(attacks: list[str]) -> str:
     """Which attack was the worst case: one name, or each seed's when they differ."""
     return attacks[0] if len(set(attacks)) == 1 else "/".join(attacks)
@@ -30,13 +36,13 @@ def _by(attacks: list[str]) -> str:
 def accuracy_table(results: dict, protocol: str, rows: list[str]) -> list[str]:
     students = results["settings"]["students"]
     worst = results.get("worst_case", {}) if protocol == "query" else {}
-    head = ["Teacher", "Teacher acc. (%)", "Δ from Base"] + [f"{s} (%)" for s in students] + \
+    head = ["Teacher", "Teacher acc. (%)", "Robust acc. (%)", "Δ from Base"] + [f"{s} (%)" for s in students] + \
            [f"Δ {s} from alone" for s in students]
     if worst:  # the strongest thief of the suite, and what the defense takes from it against Base
         head += [c for s in students for c in (f"worst-case {s} (%)", "by", f"resistance {s} (pts)")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     alone = results["students"]["alone"]
-    lines.append("| Student alone | | | " + " | ".join(pm(alone[s]) for s in students) + " |"
+    lines.append("| Student alone | | | | " + " | ".join(pm(alone[s]) for s in students) + " |"
                  + " |" * (len(students) + (3 * len(students) if worst else 0)))
     for name in rows:
         t = results["teachers"][name]
@@ -44,10 +50,11 @@ def accuracy_table(results: dict, protocol: str, rows: list[str]) -> list[str]:
         if st is None:  # a black box has no logits; a serving-time defense only changes what is served
             kind = results["settings"].get("row_kinds", {}).get(name)
             why = "n/a: serving-time defense" if kind == "serving-time defense" else "n/a: no logits"
-            lines.append(f"| {name} | {pm(t['accuracy'])} | | " + " | ".join([why] * 2 * len(students)) + " |")
+            lines.append(f"| {name} | {pm(t['accuracy'])} | {_robust(t)} | | "
+                         + " | ".join([why] * 2 * len(students)) + " |")
             continue
         change = pm(t["change_from_base"], signed=True) if "change_from_base" in t else ""
-        cells = [name, pm(t["accuracy"]), change] + [pm(st[s]["accuracy"]) for s in students] + \
+        cells = [name, pm(t["accuracy"]), _robust(t), change] + [pm(st[s]["accuracy"]) for s in students] + \
                 [pm(st[s]["change_from_alone"], signed=True) for s in students]
         if worst:
             for s_ in students:
@@ -101,6 +108,10 @@ def markdown(results: dict) -> str:
              f"AST alpha {c['alpha']}, T {c['temperature']}, top-k {s['top_k']}, divergence {c['divergence']}; "
              f"PGD eps {c['pgd_eps']}, step {c['pgd_step']}, {c['pgd_steps']} steps; NT w {c['nt_weight']}, "
              f"T {c['nt_temperature']}.",
+             (f"- Robust accuracy: the test set under PGD L-inf, eps {s['robustness']['eps']:.4g}, step "
+              f"{s['robustness']['step']:.4g}, {s['robustness']['steps']} steps, random start (setting "
+              f"`{s['robustness']['setting']}`, training/robustness.py); an output defense leaves it as the network's."
+              if s.get("robustness") else "- Robust accuracy: not measured."),
              f"- Students: {', '.join(s['students'])}, {s['student_epochs']} epochs; KD T {s['kd_temperature']}, "
              f"alpha {s['kd_alpha']} (paper protocol); label mode `{s['label_mode']}`, "
              f"{s['query_size']} held-out queries (query protocol).",

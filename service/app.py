@@ -83,12 +83,19 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await service.runner.start()
+        for runner in (service.runner, *service.other_runners.values()):
+            await runner.start()
+
+        def warm_up():
+            for m in (service.model, *service.others.values()):
+                m.warm_up()
+
         # Warm up off the event loop; /v2/health/ready answers 503 until it is done.
-        warm = asyncio.create_task(asyncio.to_thread(service.model.warm_up))
+        warm = asyncio.create_task(asyncio.to_thread(warm_up))
         warm.add_done_callback(lambda t: setattr(service, "ready", t.exception() is None))
         yield
-        await service.runner.stop()
+        for runner in (service.runner, *service.other_runners.values()):
+            await runner.stop()
 
     app = FastAPI(title="astguard", version="0.1.0", lifespan=lifespan,
                   description="Defended class probabilities from an ONNX teacher. Keys: `Authorization: Bearer` "

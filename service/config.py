@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     defense_decimals: int = Field(2, ge=0, le=8, description="round: decimal places")
     defense_beta: float = Field(0.3, ge=0, description="reverse_sigmoid, dcp: perturbation strength beta")
     defense_gamma: float = Field(0.5, gt=0, description="reverse_sigmoid, dcp: sigmoid slope gamma")
-    defense_tau: float = Field(0.9, ge=0, le=1, description="dcp: perturb answers whose top-1 is below this")
+    defense_tau: float = Field(0.9, ge=0, le=1, description="dcp: perturb answers whose top-1 is below this; "
+                                                             "misinformation: the top-1 below which answers blend")
+    defense_nu: float = Field(100.0, gt=0, description="misinformation: the slope of the blending sigmoid")
+    misinformation_model: Path | None = Field(
+        None, description="misinformation: the misinformation model's ONNX file (astguard-train --teacher "
+                          "misinformation), with its card beside it")
 
     # images
     resize_policy: Literal["resize", "reject"] = Field(

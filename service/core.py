@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -12,7 +13,7 @@ from service.config import Settings
 from service.defenses import DEFENSES, make_defense
 from service.errors import ClientError
 from service.images import limit_pixels
-from service.runtime import OnnxModel, Timing
+from service.runtime import OnnxModel, StartupError, Timing
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -41,6 +42,24 @@ class Metrics:
         self.compute.observe(timing.compute_s)
 
 
+def load_other_model(name: str, path: Path | None, model: OnnxModel, settings: Settings) -> OnnxModel:
+    """A model an output defense reads beside the served one (`ASTGUARD_<NAME>_MODEL`): it must exist, be a model
+    of that recipe, and answer the same question (same classes, same input)."""
+    env = f"ASTGUARD_{name.upper()}_MODEL"
+    if path is None:
+        raise StartupError(f"ASTGUARD_OUTPUT_DEFENSE={settings.output_defense} needs {env}: the {name} model "
+                           f"(astguard-train --teacher {name})")
+    other = OnnxModel(Path(path), device=settings.device, intra_op_threads=settings.intra_op_threads)
+    if other.card.teacher_type != name:
+        raise StartupError(f"{env}={path} was trained as {other.card.teacher_type or 'an unknown recipe'!r}, "
+                           f"not as {name!r}")
+    if list(other.card.class_names) != model.class_names or other.card.input.shape != model.card.input.shape:
+        raise StartupError(f"{env}={path} does not fit the served model: classes {list(other.card.class_names)} and "
+                           f"input {list(other.card.input.shape)}, against {model.class_names} and "
+                           f"{list(model.card.input.shape)}")
+    return other
+
+
 @dataclass
 class Answer:
     probabilities: np.ndarray  # defended, [N, classes]
@@ -58,27 +77,35 @@ class Service:
     metrics: Metrics
     defense_name: str
     defense_params: dict
+    others: dict[str, OnnxModel] = field(default_factory=dict)  # the models the defense reads (by recipe name)
     runner: Runner = field(init=False)
     ready: bool = False
 
     def __post_init__(self):
         self.defense, _ = make_defense(self.defense_name, **self.defense_params)
+        self.runner = self._runner(self.model)
+        # Each other model answers the same images in its own batched call (its own micro-batcher).
+        self.other_runners = {name: self._runner(m) for name, m in self.others.items()}
+
+    def _runner(self, model: OnnxModel) -> Runner:
         s = self.settings
         if s.micro_batching:
-            self.runner = MicroBatcher(self.model, s.inference_workers, self.metrics.observe_call,
-                                       s.max_batch_size, s.max_wait_ms)
-        else:
-            self.runner = Runner(self.model, s.inference_workers, self.metrics.observe_call)
+            return MicroBatcher(model, s.inference_workers, self.metrics.observe_call, s.max_batch_size,
+                                s.max_wait_ms)
+        return Runner(model, s.inference_workers, self.metrics.observe_call)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Service":
         """Everything that can fail at start-up fails here, with one clear message (StartupError/ValueError)."""
-        params = {p: getattr(settings, f"defense_{p}") for p in DEFENSES.entry(settings.output_defense).params}
+        entry = DEFENSES.entry(settings.output_defense)
+        params = {p: getattr(settings, f"defense_{p}") for p in entry.params}
         limit_pixels(settings.max_image_pixels)
         model = OnnxModel(settings.model, device=settings.device, intra_op_threads=settings.intra_op_threads)
+        others = {name: load_other_model(name, getattr(settings, f"{name}_model"), model, settings)
+                  for name in entry.get("models", ())}
         keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
         budgets, limiter = make_stores(settings)
-        return cls(settings, model, keys, budgets, limiter, Metrics(), settings.output_defense, params)
+        return cls(settings, model, keys, budgets, limiter, Metrics(), settings.output_defense, params, others)
 
     @staticmethod
     def _shared(fn, *args):
@@ -125,11 +152,12 @@ class Service:
                               {"X-Budget-Remaining": str(charge.remaining), "Retry-After": str(charge.retry_after_s)})
         try:
             raw = await self.runner.predict(images)
+            others = {name: await r.predict(images) for name, r in self.other_runners.items()}
         except BaseException:
             self.budgets.refund(identity, n, charge.period)  # the server failed: the client keeps its budget
             raise
         self.metrics.images.labels(identity).inc(n)
-        return Answer(self.defense(raw), raw.argmax(1), charge.remaining)
+        return Answer(self.defense(raw, **others), raw.argmax(1), charge.remaining)
 
     def describe(self) -> dict:
         s = self.settings
@@ -137,7 +165,9 @@ class Service:
             "card": self.model.card.to_dict(),
             "provider": self.model.provider,
             "output_defense": {"name": self.defense_name, "params": self.defense_params,
-                               "summary": DEFENSES.entry(self.defense_name).summary},
+                               "summary": DEFENSES.entry(self.defense_name).summary,
+                               **({"models": {name: m.card.to_dict() for name, m in self.others.items()}}
+                                  if self.others else {})},
             "micro_batching": {"enabled": s.micro_batching, "max_batch_size": s.max_batch_size,
                                "max_wait_ms": s.max_wait_ms},
             "limits": {"max_images_per_request": s.max_images_per_request, "max_body_bytes": s.max_body_bytes,

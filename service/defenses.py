@@ -19,10 +19,14 @@ DEFENSES: Registry[Defense] = Registry("output defense")
 
 
 def register_defense(name: str, *, summary: str, params: tuple[str, ...] = (), keeps_top1: bool = True,
-                     top1_note: str = ""):
+                     top1_note: str = "", models: tuple[str, ...] = (), default_row: bool = False):
     """Decorator: register a defense; `params` are its keyword arguments, read from settings `defense_<param>`;
-    `keeps_top1`: every answer keeps the model's top-1 class, by the definition (tested); `top1_note` qualifies it."""
-    return DEFENSES.register(name, summary=summary, params=params, keeps_top1=keeps_top1, top1_note=top1_note)
+    `keeps_top1`: every answer keeps the model's top-1 class, by the definition (tested); `top1_note` qualifies it.
+    `models` names the other models whose probabilities (on the same images) it takes as keyword arguments, each a
+    teacher recipe (the service loads them from `ASTGUARD_<NAME>_MODEL`). `default_row`: one of the evaluation's
+    default rows."""
+    return DEFENSES.register(name, summary=summary, params=params, keeps_top1=keeps_top1, top1_note=top1_note,
+                             models=models, default_row=default_row)
 
 
 @register_defense("none", summary="the model's probabilities as they are")
@@ -93,8 +97,22 @@ def dcp(probs: np.ndarray, beta: float, gamma: float, tau: float) -> np.ndarray:
     return out
 
 
-def make_defense(name: str, **settings) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
-    """The defense `name` bound to its parameters (taken from `settings` by name); returns (fn, params)."""
+@register_defense("misinformation", summary="Kariyappa & Qureshi 2020, adaptive misinformation: "
+                  "`(1 - a) f(x) + a g(x)`, `a = sigmoid(nu (tau - max f(x)))`, g the misinformation model",
+                  params=("nu", "tau"), models=("misinformation",), keeps_top1=False,
+                  top1_note="confident rows are nearly unchanged; unsure ones lean to the misinformation model",
+                  default_row=True)
+def misinformation(probs: np.ndarray, nu: float, tau: float, misinformation: np.ndarray) -> np.ndarray:
+    """Answers that look out of distribution (a low top-1) blend toward the misinformation model's answers g(x),
+    which put little mass on the true class; in-distribution answers stay the model's own."""
+    a = 1.0 / (1.0 + np.exp(-nu * (tau - probs.max(1, keepdims=True).astype(np.float64))))
+    out = (1 - a) * probs.astype(np.float64) + a * misinformation.astype(np.float64)
+    return (out / out.sum(1, keepdims=True)).astype(probs.dtype)
+
+
+def make_defense(name: str, **settings) -> tuple[Callable[..., np.ndarray], dict]:
+    """The defense `name` bound to its parameters (taken from `settings` by name); returns (fn, params). A defense
+    that takes other models' answers (`models`) takes them as keyword arguments of fn."""
     entry = DEFENSES.entry(name)
     params = {p: settings[p] for p in entry.params}
-    return (lambda probs: entry.value(probs, **params)), params
+    return (lambda probs, **answers: entry.value(probs, **params, **answers)), params

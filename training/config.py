@@ -42,6 +42,22 @@ class Config:
     # Nasty Teacher
     nt_weight: float = _f(0.004, "Nasty Teacher weight w of the KL-to-base term")
     nt_temperature: float = _f(4.0, "Nasty Teacher temperature")
+    # InI (Guo et al. 2023): defaults of the authors' run.sh
+    ood: str | None = _f(None, "InI: out-of-distribution images (a data set spec, digits, or noise), resized to the "
+                               "model's input")
+    ini_gamma: float = _f(0.3, "InI: weight of the OOD distance d(V(u), S(u))")
+    ini_delta: float = _f(1.0, "InI: weight of the gradient cosine cos(grad_S KL(S(x)||V(x)), grad_S CE(S(x), y))")
+    ini_epsilon: float = _f(1000.0, "InI: weight of the OOD gradient norm mean|grad_S KL(S(u)||V(u))|")
+    ini_beta: float = _f(0.0, "InI: weight of the in-distribution push -d(V(x), S(x))")
+    ini_pcgrad: bool = _f(True, "InI: PCGrad between the terms (else their sum, gradients clipped to norm 10)")
+    # LTD (Chen & Lee): adversarial training on a low-temperature teacher's soft labels
+    ltd_teacher_temperature: float = _f(0.5, "LTD: temperature of the base teacher's soft labels")
+    ltd_student_temperature: float = _f(1.0, "LTD: the student's fixed temperature")
+    ltd_clean_weight: float = _f(0.0, "LTD: weight of the same term on the clean image")
+    ltd_eps: float = _f(0.1, "LTD: PGD L-inf radius of the adversarial training, in [0,1] pixels (the CIFAR "
+                             "presets: 8/255)")
+    ltd_step: float = _f(0.025, "LTD: PGD step size (the CIFAR presets: 2/255)")
+    ltd_steps: int = _f(10, "LTD: PGD steps per training batch")
     # PGD for the adversarial training set
     pgd_eps: float = _f(0.3, "PGD L-inf radius in [0,1] pixels")
     pgd_step: float = _f(0.01, "PGD step size")
@@ -57,6 +73,10 @@ class Config:
         return d
 
 
+# 32x32 RGB: LTD's adversarial training at the usual CIFAR radius (digits, the defaults: 0.1, about 1.6 of its 17
+# grey levels, as training/robustness.py measures them).
+_RGB32 = dict(ltd_eps=8 / 255, ltd_step=2 / 255)
+
 PRESETS: dict[str, dict] = {
     # Small and CPU-friendly: 8x8 grey digits, so a 1-pixel crop and no flip (a flipped digit is another digit).
     "digits": dict(dataset="digits", arch="digits_cnn", epochs=15, batch_size=64, lr=0.05, schedule="cosine",
@@ -64,13 +84,18 @@ PRESETS: dict[str, dict] = {
     # The paper's settings (released params.json: batch 128, step schedules).
     "cifar10-resnet18": dict(dataset="cifar10", arch="resnet18", epochs=160, batch_size=128, lr=0.1,
                               schedule="step", milestones=(80, 120), gamma=0.1, crop_pad=4, flip=True,
-                              alpha=0.05, temperature=6.0, top_k=2, nt_weight=0.004, nt_temperature=4.0),
+                              alpha=0.05, temperature=6.0, top_k=2, nt_weight=0.004, nt_temperature=4.0, **_RGB32),
+    # InI's own settings (the authors' run.sh): SGD lr 0.1, momentum 0.5, weight decay 1e-3, 150 epochs, x0.1 every
+    # 50. Their OOD set, TinyImageNet, is not on this machine: upscaled digits stand in (`--ood` overrides).
+    "cifar10-ini": dict(dataset="cifar10", arch="resnet18", teacher="ini", epochs=150, batch_size=128, lr=0.1,
+                        momentum=0.5, weight_decay=1e-3, schedule="step", milestones=(50, 100), gamma=0.1, crop_pad=4,
+                        flip=True, ood="digits", **_RGB32),
     "cifar100-resnet18": dict(dataset="cifar100", arch="resnet18", epochs=200, batch_size=128, lr=0.1,
                                schedule="step", milestones=(60, 120, 160), gamma=0.2, crop_pad=4, flip=True,
-                               alpha=0.035, temperature=30.0, top_k=7, nt_weight=0.005, nt_temperature=20.0),
+                               alpha=0.035, temperature=30.0, top_k=7, nt_weight=0.005, nt_temperature=20.0, **_RGB32),
     "cifar100-resnet50": dict(dataset="cifar100", arch="resnet50", epochs=200, batch_size=128, lr=0.1,
                                schedule="step", milestones=(60, 120, 160), gamma=0.2, crop_pad=4, flip=True,
-                               alpha=0.03, temperature=30.0, top_k=7, nt_weight=0.005, nt_temperature=20.0),
+                               alpha=0.03, temperature=30.0, top_k=7, nt_weight=0.005, nt_temperature=20.0, **_RGB32),
 }
 
 
@@ -102,6 +127,10 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.arch in MODELS, f"unknown --arch {cfg.arch!r}; known: {', '.join(sorted(MODELS))}"),
         (cfg.teacher in TEACHERS, f"unknown --teacher {cfg.teacher!r}; known: {', '.join(TEACHERS)}"),
+        (cfg.teacher not in TEACHERS or not TEACHERS[cfg.teacher].needs_ood or cfg.ood,
+         f"--teacher {cfg.teacher} needs --ood SPEC: out-of-distribution images (an ImageFolder directory or zip, "
+         "digits, or noise)"),
+        (cfg.ltd_teacher_temperature > 0 and cfg.ltd_student_temperature > 0, "LTD temperatures must be positive"),
         (cfg.divergence in DIVERGENCES, f"unknown --divergence {cfg.divergence!r}; known: {', '.join(DIVERGENCES)}"),
         (0 < cfg.sparse_ratio <= 1, f"--sparse-ratio must be in (0, 1], got {cfg.sparse_ratio}"),
         (cfg.top_k is None or cfg.top_k >= 1, f"--top-k must be at least 1, got {cfg.top_k}"),

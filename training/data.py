@@ -310,6 +310,18 @@ def load_split(spec: str, data_root: str | Path = "data", cache_dir: str | Path 
     return ds, ds.split(s.split or default_split)
 
 
+def convert_images(images: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> another colour mode (grey: ITU-R 601 luma, as Pillow's "L") and size (bilinear), as
+    the service converts what it is sent: a thief's queries, a teacher's out-of-distribution images."""
+    x = images.float()
+    if x.shape[1] != channels:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True) if channels == 1 \
+            else x.expand(-1, 3, -1, -1)
+    if tuple(x.shape[2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
 # ---------------------------------------------------------------- device-resident loader
 
 class Batch(NamedTuple):

@@ -82,7 +82,7 @@ def verify_onnx(model: nn.Module, path: str | Path, images: torch.Tensor, *, ato
 
 def export_verified(model: nn.Module, out_dir: str | Path, sample: torch.Tensor, *, name: str, version: str,
                     class_names: list[str], teacher: TeacherInfo, dataset: DatasetInfo, accuracy: dict[str, float],
-                    training: dict) -> ModelCard:
+                    training: dict, robustness: dict | None = None) -> ModelCard:
     """Write out_dir/model.onnx and out_dir/model.json; return the card (with sha256 and verification)."""
     out_dir = Path(out_dir)
     onnx_path = export_onnx(model, out_dir / "model.onnx", sample.shape[1], sample.shape[2])
@@ -91,7 +91,8 @@ def export_verified(model: nn.Module, out_dir: str | Path, sample: torch.Tensor,
     card = ModelCard(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         name=name, version=version, class_names=tuple(class_names), teacher=teacher, dataset=dataset,
-        accuracy=accuracy, training=training, file=onnx_path.name, sha256=sha256_file(onnx_path),
+        accuracy=accuracy, training=training, robustness=robustness or {}, file=onnx_path.name,
+        sha256=sha256_file(onnx_path),
         input=InputSpec((-1, *sample.shape[1:4]), color_mode=COLOR_MODES[sample.shape[1]]),
         outputs=tuple(OutputSpec(o, (-1, n)) for o in OUTPUT_NAMES), opset=OPSET, verification=verification,
         software={"torch": torch.__version__, "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")})

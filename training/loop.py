@@ -188,8 +188,9 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
                 if m.recipe.nan_guard and distributed.sum_all(~torch.isfinite(loss)).item():
                     m.skipped += 1
                     continue
-                m.opt.zero_grad(set_to_none=True)
-                (loss * share if world > 1 else loss).backward()
+                if not m.recipe.manual_backward:  # a manual recipe has set every parameter's gradient
+                    m.opt.zero_grad(set_to_none=True)
+                    (loss * share if world > 1 else loss).backward()
                 m.opt.step()
                 # Running sums stay on the device: no sync per step.
                 for k, v in {"loss": loss.detach(), **terms}.items():

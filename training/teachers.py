@@ -30,6 +30,7 @@ class Context:
     cfg: Config
     top_k: int
     base: nn.Module | None = None  # the frozen base model, in eval mode
+    shadow: nn.Module | None = None  # InI's clone: randomly initialised, never trained, in eval mode
 
 
 LossFn = Callable[[nn.Module, Batch, Context], tuple[Tensor, dict[str, Tensor], Tensor]]
@@ -42,8 +43,13 @@ class Recipe:
     loss: LossFn  # -> (loss, detached loss terms, the model's logits on batch.x)
     params: tuple[str, ...] = ()  # the Config fields the recipe reads: its hyperparameters
     needs_base: bool = False
-    needs_adversarial: bool = False
+    needs_adversarial: bool = False  # batch.pair: each image's own PGD example against the base
+    needs_ood: bool = False  # batch.pair: an out-of-distribution image (Config.ood) for each training image
+    needs_shadow: bool = False  # ctx.shadow: a frozen, randomly initialised clone of the architecture
     nan_guard: bool = False  # skip steps whose loss is not finite (costs a device sync per step)
+    manual_backward: bool = False  # the loss sets the parameters' gradients itself (InI's PCGrad); the loop steps
+    single_process: bool = False  # double backpropagation or an attack inside the step: no DDP
+    row: bool = True  # an evaluation row of its own (the misinformation model only serves beside another)
 
 
 TEACHERS: Registry[Recipe] = Registry("teacher recipe")
@@ -104,3 +110,7 @@ register_teacher(Recipe("nt", "Nasty Teacher: `CE(f(x), y) - w*T^2*KL(softmax(ba
                         needs_base=True, nan_guard=True))
 register_teacher(Recipe("stt", "Stingy-Trained Teacher: AST's loss, with the base model's sparse answer on the clean "
                                "image as the target", _stt, SPARSE, needs_base=True))
+
+
+# Recipes that need a module of their own register themselves there (as training.models does).
+from training import ini, ltd, misinformation  # noqa: E402,F401

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -26,13 +27,14 @@ from astguard.card import CardError, DatasetInfo, ModelCard, TeacherInfo, read_c
 from astguard.cli import Parser, add_options, given  # noqa: E402
 from training import distributed  # noqa: E402
 from training.config import PRESETS, Config, make_config, validate  # noqa: E402
-from training.data import DataError, Dataset, load_dataset  # noqa: E402
+from training.data import DataError, Dataset, convert_images, load_dataset, load_split  # noqa: E402
 from training.export import ExportError, export_verified  # noqa: E402
 from training.files import run_lock  # noqa: E402
 from training.loop import RunError, accuracy, fit, resolve_device  # noqa: E402
 from training.losses import DIVERGENCES, top_k_from_ratio  # noqa: E402
 from training.models import MODELS, create_model  # noqa: E402
 from training.pgd import PGDConfig, adversarial_set  # noqa: E402
+from training.robustness import robustness  # noqa: E402
 from training.teachers import TEACHERS, Context  # noqa: E402
 
 # What the base model depends on: a change elsewhere (alpha, T, PGD...) reuses the cached base.
@@ -89,6 +91,9 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
         if distributed.is_main():
             print(f"[{teacher}] reusing the finished run in {out_dir} (test accuracy {metrics['test_accuracy']:.4f})",
               file=sys.stderr)
+        if "robustness" not in metrics:  # a run finished before robustness was measured
+            metrics["robustness"] = robustness(model, data, device, seed=cfg.seed)
+            distributed.main_only(metrics_path.write_text, json.dumps(metrics, indent=2) + "\n")
         return model.eval(), metrics
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -99,7 +104,10 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
             raise RunError(f"cannot resume {out_dir}: its checkpoint was made with other settings; "
                            "use the same options, another --out, or --overwrite")
     t0 = time.time()
-    ctx = Context(cfg, top_k, base)
+    shadow = None
+    if TEACHERS[teacher].needs_shadow:  # InI's thief stand-in: the architecture, randomly initialised, frozen
+        shadow = build_model(replace(cfg, seed=cfg.seed + 1), data, device).eval()
+    ctx = Context(cfg, top_k, base, shadow)
     history = fit(model, TEACHERS[teacher], ctx, data.train, data.test, out_dir, epochs=epochs, device=device,
                   pair=pair, resume=resume, progress=progress, meta=settings, on_epoch_end=on_epoch_end)
     metrics = {"teacher": teacher, "test_accuracy": history[-1]["test_accuracy"],
@@ -107,12 +115,27 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
                "skipped_steps": sum(r["skipped_steps"] for r in history),
                "train_seconds": round(sum(r["seconds"] for r in history), 2),
                "wall_seconds_this_run": round(time.time() - t0, 2), "settings": settings}
+    metrics["robustness"] = robustness(model, data, device, seed=cfg.seed)
     distributed.main_only(metrics_path.write_text, json.dumps(metrics, indent=2) + "\n")
     return model.eval(), metrics
 
 
+def ood_images(cfg: Config, data: Dataset, cache_dir: Path) -> torch.Tensor:
+    """An out-of-distribution image for every training image (uint8, the training images' shape): `noise` (uniform
+    pixels), or a data set spec's training split converted to the model's colour mode and size, drawn with the
+    seed; a set smaller than the training set repeats."""
+    c, h, w = data.train.images.shape[1:]
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    n = len(data.train.labels)
+    if cfg.ood == "noise":
+        return torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
+    _, split = load_split(cfg.ood, cfg.data_root, cache_dir / "data", default_split="train")
+    pool = convert_images(split.images, c, (h, w))
+    return pool[torch.randperm(max(n, len(pool)), generator=g)[:n] % len(pool)]
+
+
 def export_stage(model, out_dir: Path, data: Dataset, cfg: Config, teacher: str, metrics: dict, name: str,
-                 version: str, base_accuracy: float) -> ModelCard:
+                 version: str, base_accuracy: float, pairs_with: dict | None = None) -> ModelCard:
     card_path, onnx_path = out_dir / "model.json", out_dir / "model.onnx"
     if card_path.exists() and onnx_path.exists():
         try:
@@ -120,16 +143,20 @@ def export_stage(model, out_dir: Path, data: Dataset, cfg: Config, teacher: str,
         except CardError:
             card = None  # unreadable: export again
         if (card is not None and card.sha256 == sha256_file(onnx_path) and card.training == metrics["settings"]
-                and card.name == name and card.version == version):
+                and card.name == name and card.version == version and card.robustness == metrics["robustness"]):
             return card
     sample = data.test.images[:16].float() / 255.0
     recipe = TEACHERS.entry(teacher)
+    hyper = {k: metrics["settings"][k] for k in recipe.params}
+    if pairs_with is not None:  # the misinformation model names the model trained beside it
+        hyper["pairs_with"] = pairs_with
     return export_verified(
         model, out_dir, sample, name=name, version=version, class_names=data.classes,
-        teacher=TeacherInfo(teacher, recipe.summary, {k: metrics["settings"][k] for k in recipe.params}),
+        teacher=TeacherInfo(teacher, recipe.summary, hyper),
         dataset=DatasetInfo(data.name, cfg.dataset, len(data.train.labels), len(data.test.labels), data.num_classes,
                             tuple(data.mean), tuple(data.std)),
-        accuracy={"teacher": metrics["test_accuracy"], "base": base_accuracy}, training=metrics["settings"])
+        accuracy={"teacher": metrics["test_accuracy"], "base": base_accuracy}, training=metrics["settings"],
+        robustness=metrics["robustness"])
 
 
 def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None = None, resume: bool = False,
@@ -155,6 +182,9 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
         raise ValueError(f"--top-k {top_k} exceeds the number of classes ({data.num_classes})")
     name = name or out.resolve().name
     recipe = TEACHERS[cfg.teacher]
+    if recipe.single_process and distributed.active():
+        raise ValueError(f"--teacher {cfg.teacher} runs in one process (its step takes gradients inside the step, "
+                         "which DDP cannot split); run it without --distributed")
     if main:
         where = f"{distributed.world_size()} processes on {dev.type}" if distributed.active() else f"device {dev}"
         print(f"astguard-train: {cfg.teacher} teacher, {cfg.arch} on {data.name} ({len(data.train.labels)} train / "
@@ -175,8 +205,10 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
             distributed.main_only(export_stage, base, base_dir, data, cfg, "base", base_metrics, base_name, version,
                                   base_acc)
 
-    summary = {"base": {"test_accuracy": base_acc}}
+    summary = {"base": {"test_accuracy": base_acc, "robust_accuracy": base_metrics["robustness"]["accuracy"]}}
     pair = None
+    if recipe.needs_ood:
+        pair = ood_images(cfg, data, cache_dir)
     if recipe.needs_adversarial:
         pgd = PGDConfig(cfg.pgd_eps, cfg.pgd_step, cfg.pgd_steps, cfg.pgd_random_start, cfg.seed)
         t1 = time.time()
@@ -197,9 +229,14 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
 
         def finish() -> dict:  # rank 0 exports and reports
             summary.update({"teacher": cfg.teacher, "test_accuracy": metrics["test_accuracy"],
-                            "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k})
+                            "accuracy_change_from_base": metrics["test_accuracy"] - base_acc, "top_k": top_k,
+                            "robust_accuracy": metrics["robustness"]["accuracy"]})
             if export:
-                card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc)
+                pairs = None
+                if cfg.teacher == "misinformation":
+                    base_card = read_card(base_dir / "model.json")
+                    pairs = {"name": base_card.name, "version": base_card.version, "sha256": base_card.sha256}
+                card = export_stage(model, out, data, cfg, cfg.teacher, metrics, name, version, base_acc, pairs)
                 summary.update({"onnx": str(out / "model.onnx"), "sha256": card.sha256})
             summary["checkpoint"] = str(checkpoint)
             if export:

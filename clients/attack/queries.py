@@ -5,22 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from training.data import Split, balanced_subset, batch_crop_flip, load_split
+from training.data import convert_images as fit_to_victim  # the thief converts as the server would
 
 NOISE = "noise"  # uniform random pixels: a thief with no data at all
-
-
-def fit_to_victim(images: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> the victim's colour mode and input size, as the server would make them."""
-    x = images.float()
-    if x.shape[1] != channels:
-        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True) if channels == 1 \
-            else x.expand(-1, 3, -1, -1)
-    if tuple(x.shape[2:]) != size:
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def plan_queries(source: str | Split, budget: int, *, channels: int, size: tuple[int, int], seed: int,

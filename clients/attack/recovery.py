@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from clients.attack.attacks import Setting, Stolen, register_attack
 from clients.attack.student import distill_student
-from service.defenses import make_defense
+from service.defenses import DEFENSES, make_defense
 from training.config import Config, make_config
 from training.data import Dataset, Split, channel_stats
 from training.distill import recovered_logits
@@ -83,10 +83,9 @@ def thief_recipe(setting: Setting) -> tuple[str, dict]:
     return ("base", {}) if served != "none" else ("ast", {})
 
 
-def thief_teachers(setting: Setting, images: Tensor, labels: Tensor, classes: int, epochs: int
-                   ) -> tuple[nn.Module, nn.Module, str]:
-    """The thief's base and defended teachers on its own images (cached in out/teachers by their settings)."""
-    recipe, hyper = thief_recipe(setting)
+def thief_models(setting: Setting, images: Tensor, labels: Tensor, classes: int, epochs: int, recipe: str,
+                 hyper: dict) -> tuple[nn.Module, nn.Module]:
+    """The thief's base and `recipe` model on its own images (cached in out/teachers by their data and settings)."""
     digest = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:12]
     n = len(labels)
     held = max(1, n // 10)  # a tenth to watch the thief's teachers train on; they still train on all of it
@@ -95,13 +94,22 @@ def thief_teachers(setting: Setting, images: Tensor, labels: Tensor, classes: in
                    [str(c) for c in range(classes)], mean, std)
     s = setting.spec
     cfg = make_config(None, dataset=f"thief-{digest}", arch=s.arch, epochs=epochs, lr=s.lr, batch_size=s.batch_size,
-                      crop_pad=s.crop_pad, flip=s.flip, seed=s.seed, teacher=recipe, **hyper)
+                      crop_pad=s.crop_pad, flip=s.flip, seed=s.seed, teacher=recipe,
+                      **({"ood": "noise"} if TEACHERS[recipe].needs_ood and "ood" not in hyper else {}), **hyper)
     key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     out = setting.out / "teachers" / f"{recipe}-{key}"  # its data and settings: another run trains its own
     summary = run(cfg, out, device=str(setting.device), cache_dir=setting.out / "teachers" / ".cache",
                   resume=True, progress=setting.progress, data=data, export=False)
     base = load_trained(cfg, data, out / "base" / "checkpoint.pt", setting.device)
-    defended = load_trained(cfg, data, Path(summary["checkpoint"]), setting.device) if recipe != "base" else base
+    model = load_trained(cfg, data, Path(summary["checkpoint"]), setting.device) if recipe != "base" else base
+    return base, model
+
+
+def thief_teachers(setting: Setting, images: Tensor, labels: Tensor, classes: int, epochs: int
+                   ) -> tuple[nn.Module, nn.Module, str]:
+    """The thief's base and defended teachers on its own images."""
+    recipe, hyper = thief_recipe(setting)
+    base, defended = thief_models(setting, images, labels, classes, epochs, recipe, hyper)
     return base, defended, recipe
 
 
@@ -112,9 +120,14 @@ def recovery(setting: Setting, epochs: int | None = None, mlp_epochs: int = 300)
     base, defended, recipe = thief_teachers(setting, images, labels, classes, epochs or setting.spec.epochs)
     served = setting.defense or {"name": "none", "params": {}}
     defend, _ = make_defense(served["name"], **served.get("params", {}))
-    p_base = torch.softmax(predict_logits(base, images, setting.device), dim=1)
-    p_def = torch.from_numpy(defend(torch.softmax(predict_logits(defended, images, setting.device), dim=1)
-                                    .numpy().astype(np.float32)))
+
+    def answers_of(model: nn.Module) -> np.ndarray:
+        return torch.softmax(predict_logits(model, images, setting.device), dim=1).numpy().astype(np.float32)
+    # A defense that reads other models (adaptive misinformation's): the thief trains its own with the public recipe.
+    others = {m: answers_of(thief_models(setting, images, labels, classes, epochs or setting.spec.epochs, m, {})[1])
+              for m in DEFENSES.entry(served["name"]).get("models", ())}
+    p_base = torch.from_numpy(answers_of(base))
+    p_def = torch.from_numpy(defend(answers_of(defended), **others))
     mlp = fit_recovery(p_def, p_base, epochs=mlp_epochs, seed=setting.seed)
     restored = recover(mlp, probs)
     student, _ = distill_student(setting.spec, images, restored, None, setting.fallback_test(images, restored),

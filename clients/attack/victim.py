@@ -187,10 +187,18 @@ class OnnxVictim:
     without HTTP (the evaluation's served teachers). Needs onnxruntime (the serve or gpu extra)."""
 
     def __init__(self, onnx_path: str | Path, *, defense: str = "none", params: dict | None = None,
-                 device: str = "cpu", threads: int | None = None, batch_size: int = 512):
-        self.model = OnnxModel(Path(onnx_path), device=device, intra_op_threads=threads or torch.get_num_threads())
+                 models: dict[str, str | Path] | None = None, device: str = "cpu", threads: int | None = None,
+                 batch_size: int = 512):
+        threads = threads or torch.get_num_threads()
+        self.model = OnnxModel(Path(onnx_path), device=device, intra_op_threads=threads)
         self.card = self.model.card
         self._defend, bound = make_defense(defense, **(params or {}))
+        needed = DEFENSES.entry(defense).get("models", ())
+        missing = set(needed) - set(models or {})
+        if missing:
+            raise ValueError(f"the {defense} defense needs the {sorted(missing)[0]} model beside the served one")
+        # The models the defense reads, answering the same images, as the service runs them.
+        self.others = {name: OnnxModel(Path(models[name]), device=device, intra_op_threads=threads) for name in needed}
         self.defense = {"name": defense, "params": bound, "summary": DEFENSES.entry(defense).summary}
         self.batch_size = batch_size
 
@@ -201,7 +209,7 @@ class OnnxVictim:
         for i in range(0, len(todo), self.batch_size):
             idx = todo[i:i + self.batch_size]
             x = images[torch.from_numpy(idx)].float().div(255.0).numpy()
-            probs[idx] = self._defend(self.model.predict(x)[0])
+            probs[idx] = self._defend(self.model.predict(x)[0], **{n: m.predict(x)[0] for n, m in self.others.items()})
         return PLAN_COMPLETE, time.perf_counter() - start
 
 

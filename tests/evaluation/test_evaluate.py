@@ -14,7 +14,7 @@ from conftest import REPO, serve
 from evaluation.evaluate import main
 from training.files import exclusive
 
-TEACHERS = ["base", "ast", "nt", "stt", "st"]
+TEACHERS = ["base", "ast", "nt", "stt", "ini", "ltd", "st", "misinformation"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,9 @@ def test_results_json_has_every_cell_of_the_tables(smoke):
         t = r["teachers"][name]
         assert 0 <= t["accuracy"]["mean"] <= 1 and _finite(t["change_from_base"]["mean"])
         for protocol in ("paper", "query"):
+            if protocol == "paper" and name == "misinformation":  # a serving-time defense: no white-box cells
+                assert name not in r["students"]["paper"]
+                continue
             for s in students:
                 cell = r["students"][protocol][name][s]
                 assert 0 <= cell["accuracy"]["mean"] <= 1 and _finite(cell["change_from_alone"]["mean"])
@@ -47,12 +50,17 @@ def test_results_json_has_every_cell_of_the_tables(smoke):
         for stat in ("entropy", "within_class_kl"):
             assert set(r["statistics"][name][stat]) == {"mean", "var", "min", "max"}
     assert r["teachers"]["base"]["change_from_base"]["mean"] == 0.0
+    # Robust accuracy: every network's, from training; a serving-time defense leaves the base network's.
+    for name in TEACHERS:
+        assert 0 <= r["teachers"][name]["robust_accuracy"]["mean"] <= 1, name
+    assert r["teachers"]["misinformation"]["robust_accuracy"] == r["teachers"]["base"]["robust_accuracy"]
+    assert r["settings"]["robustness"]["setting"] == "digits" and r["settings"]["robustness"]["steps"] == 20
     # ST is the base network: same accuracy, sparser answers.
     assert r["teachers"]["st"]["accuracy"] == r["teachers"]["base"]["accuracy"]
     assert r["statistics"]["st"]["entropy"]["mean"] < r["statistics"]["base"]["entropy"]["mean"]
     assert set(r["students"]["alone"]) == set(students)
     assert r["sweeps"] == {"alpha": [{"value": 0.2, "row": "ast alpha=0.2"}]}
-    assert set(r["examples"]["answers"]) == {"base", "base on its PGD image", "ast", "nt", "stt"}
+    assert set(r["examples"]["answers"]) == {"base", "base on its PGD image", "ast", "nt", "stt", "ini", "ltd"}
     assert r["run"]["trained"]["teacher_epochs"] > 0 and r["run"]["trained"]["student_epochs"] > 0
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from service.defenses import DEFENSES, dcp, label_only, make_defense, reverse_sigmoid, round_probs, topk
 
-SETTINGS = dict(k=2, decimals=2, beta=0.3, gamma=0.5, tau=0.9)
+SETTINGS = dict(k=2, decimals=2, beta=0.3, gamma=0.5, tau=0.9, nu=100.0)
 
 
 def _row(head: list[float], classes: int) -> np.ndarray:
@@ -51,9 +51,15 @@ LOW_100 = _low_confidence_batch_100()
 BATCHES = {"mixed_10": MIXED, "low_confidence_100": LOW_100}
 
 
+def _other_models(name: str, probs: np.ndarray) -> dict:
+    """What a defense that reads other models gets in these tests: each row's probabilities reversed (mass moved off
+    the top classes), a stand-in misinformation model."""
+    return {m: probs[:, ::-1].copy() for m in DEFENSES.entry(name).get("models", ())}
+
+
 def _defend(name: str, probs: np.ndarray) -> np.ndarray:
     fn, _ = make_defense(name, **SETTINGS)
-    return fn(probs.copy())
+    return fn(probs.copy(), **_other_models(name, probs))
 
 
 def test_the_test_batches_are_float32_probability_rows():
@@ -125,7 +131,8 @@ def test_round_keeps_the_top1_unless_rounding_ties_it_at_the_top(decimals):
 
 def test_the_declared_keeps_top1_flags_are_the_documented_ones():
     assert {n for n in DEFENSES if DEFENSES.entry(n).get("keeps_top1")} == {"none", "topk", "round", "label_only"}
-    assert {n for n in DEFENSES if not DEFENSES.entry(n).get("keeps_top1")} == {"reverse_sigmoid", "dcp"}
+    assert {n for n in DEFENSES if not DEFENSES.entry(n).get("keeps_top1")} == {"reverse_sigmoid", "dcp",
+                                                                                 "misinformation"}
 
 
 @pytest.mark.parametrize("name", ["reverse_sigmoid", "dcp"])
@@ -243,3 +250,14 @@ def test_make_defense_binds_only_the_declared_params():
     fn, params = make_defense("dcp", **SETTINGS)
     assert params == {"beta": 0.3, "gamma": 0.5, "tau": 0.9}
     np.testing.assert_array_equal(fn(MIXED), dcp(MIXED, 0.3, 0.5, 0.9))
+
+
+def test_misinformation_blends_unsure_answers_toward_the_misinformation_model():
+    from service.defenses import misinformation
+    probs = np.array([[0.95, 0.05], [0.5, 0.5]], np.float32)
+    g = np.array([[0.1, 0.9], [0.2, 0.8]], np.float32)
+    out = misinformation(probs, nu=100.0, tau=0.9, misinformation=g)
+    a = 1 / (1 + np.exp(-100 * (0.9 - 0.95)))  # sigmoid(-5): a confident answer stays nearly the model's
+    np.testing.assert_allclose(out[0], (1 - a) * probs[0] + a * g[0], rtol=1e-6)
+    np.testing.assert_allclose(out[1], g[1], atol=1e-6)  # sigmoid(40): an unsure one is the misinformation model's
+    assert DEFENSES.entry("misinformation").get("models") == ("misinformation",)
