@@ -3,12 +3,13 @@ import json
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, serve
 from training.config import make_config
 from training.data import load_dataset
 from training.export import sha256_file
@@ -122,6 +123,15 @@ def test_every_other_teacher_recipe_trains_and_exports(tmp_path, teacher):
     assert "pgd" not in summary  # only AST needs the adversarial set
     robust = card["robustness"]
     assert robust["attack"] == "pgd-linf" and robust["setting"] == "digits" and robust["images"] == 360
+    if TEACHERS[teacher].row:  # and it serves: the real service answers with its probabilities
+        import io
+
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(load_dataset("digits").test.images[0, 0].numpy()).save(buf, "PNG")
+        with serve(tmp_path / teacher / "model.onnx", "--budget-db", str(tmp_path / "b.sqlite")) as s:
+            r = httpx.post(s.url + "/predict", files=[("files", ("d.png", buf.getvalue(), "image/png"))])
+        assert r.status_code == 200 and len(r.json()["predictions"][0]["probabilities"]) == 10
     assert 0 <= robust["accuracy"] <= summary["test_accuracy"] + 1e-9 and summary["robust_accuracy"] == robust["accuracy"]
 
 
