@@ -42,8 +42,8 @@ SCALES: dict[str, Scale] = {
                                               pgd_step=0.06), student_epochs=2, query_size=600),
     # 2 CPU cores, CIFAR-10: about 20 minutes of teachers, then 10 a student seed (docs/results/cifar10-cpu/README.md).
     # ResNet-20 needs its 30 epochs to beat a cnn5 trained alone on the same 4,000 images (12 did not).
-    "cpu": Scale("CIFAR-10 on 2 CPU cores: ResNet-20 teachers on 4,000 images, cnn5 students, under an hour "
-                 "with --teacher-seed 0 --seeds 2",
+    "cpu": Scale("CIFAR-10 on 2 CPU cores: ResNet-20 teachers on 4,000 images, cnn5 students; hours with every "
+                 "row and attack (see the README)",
                  dict(arch="resnet20", epochs=30, limit_train=4000, limit_test=2000, schedule="cosine",
                       milestones=(), lr=0.1, pgd_steps=10, pgd_step=0.03),
                  student=dict(lr=0.05), student_epochs=10, query_size=4000),
