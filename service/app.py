@@ -114,9 +114,9 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         return _error_response(request.url.path, ClientError(f"invalid request: {validation_reasons(e.errors())}",
                                                              422))
 
-    from service.routes import info, predict, v2
+    from service.routes import info, predict, usage, v2
 
-    for module in (predict, v2, info):
+    for module in (predict, v2, info, usage):
         app.include_router(module.router)
     app.add_middleware(Instrument, service=service)
     return app

@@ -66,6 +66,28 @@ class Settings(BaseSettings):
     rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second per key (token bucket)")
     rate_limit_burst: int = Field(10, ge=1, description="token bucket size")
 
+    # extraction detection
+    detector: str = Field("none", description="extraction detector per API key (registry key): none, prada, knn")
+    detection_policy: Literal["log", "degrade", "block"] = Field(
+        "log", description="what a flagged key gets: log (metrics and log only), degrade (the degraded defense's "
+                           "answers from then on), block (403 from then on)")
+    degraded_defense: str = Field("label_only", description="degrade: the output defense a flagged key gets")
+    detection_db: Path = Field(Path("astguard-detection.sqlite"),
+                               description="SQLite file of the detectors' per-key state (the sqlite budget backend)")
+    detector_delta: float = Field(0.9, gt=0, le=1, description="prada: flag when Shapiro-Wilk W falls below this")
+    detector_check_every: int = Field(10, ge=1, description="prada: test the distances every this many queries")
+    detector_min_distances: int = Field(100, ge=3, description="prada: test once more distances than this remain")
+    detector_set_cap: int = Field(100, ge=1, description="prada: queries kept per class in a key's growing set")
+    detector_distances_cap: int = Field(2000, ge=10, description="prada: distances kept per key")
+    detector_k: int = Field(50, ge=1, description="knn: the K nearest earlier queries")
+    detector_window: int = Field(50, ge=1, description="knn: queries the score averages over")
+    detector_buffer: int = Field(1000, ge=2, description="knn: earlier queries kept per key")
+    detector_threshold: float = Field(0.0, ge=0, description="knn: flag below this score (calibrate: python -m "
+                                                             "evaluation.calibrate_detector); 0 never flags")
+    admin_keys: str = Field("", description="comma-separated admin keys: GET /v1/usage/all lists every key, "
+                                            "POST /v1/usage/{key_id}/clear clears a flag")
+    usage_shows_detection: bool = Field(True, description="GET /v1/usage tells a key its own score and flag")
+
     # performance
     intra_op_threads: int = Field(default_factory=cpu_limit, ge=1, description="onnxruntime intra-op threads")
     inference_workers: int = Field(1, ge=1, description="concurrent onnxruntime calls on the shared session")

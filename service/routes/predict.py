@@ -104,6 +104,7 @@ def decode_all(blobs: list[tuple[str, bytes]], service: Service) -> np.ndarray:
 async def predict(request: Request, identity: str = Depends(caller), service: Service = Depends(get_service)):
     """Classify one or more images. Each is converted to the model's colour mode and resized to its input size
     (or refused, with `ASTGUARD_RESIZE_POLICY=reject`). The probabilities are the output defense's."""
+    service.check_blocked(identity)  # before reading a flagged key's images
     blobs = await read_blobs(request, service.settings.max_images_per_request)
     images = await run_in_threadpool(decode_all, blobs, service)
     answer = await service.classify(identity, images)

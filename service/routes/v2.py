@@ -112,6 +112,7 @@ async def infer(name: str, http: Request, identity: str = Depends(caller),
                 service: Service = Depends(get_service)):
     """Defended probabilities for a batch of images given as one tensor. Only `probabilities` is served: the
     logits would undo the defense."""
+    service.check_blocked(identity)
     # The body is parsed here, after the key and the rate limit (a declared body model would be parsed before).
     try:
         request = InferRequest.model_validate_json(await http.body())

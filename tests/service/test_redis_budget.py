@@ -124,3 +124,27 @@ def test_a_redis_that_goes_away_gives_503_not_500(digits_run):
             assert "Redis" in r.json()["detail"] and r.headers["retry-after"] == "1"
     finally:
         proc.kill()
+
+
+def test_the_detection_state_is_one_per_key_across_two_replicas(digits_run, redis_url):
+    """Each key's detector state lives in Redis: updates racing over two replicas are all counted (the per-key
+    lock), a key flagged through one replica is refused by the other, and another key is untouched."""
+    model = digits_run[0] / "model.onnx"
+    common = ("--api-keys", "thief,honest", "--budget-backend", "redis", "--redis-url", redis_url,
+              "--redis-prefix", "det:", "--detector", "knn", "--detector-k", "2", "--detector-window", "1",
+              "--detection-policy", "block")
+    with serve(model, *common, "--detector-threshold", "0") as a, serve(model, *common, "--detector-threshold",
+                                                                           "0") as b:
+        results = asyncio.run(_spread([a.url, b.url], 12, "honest"))
+        assert [r.status_code for r in results] == [200] * 12
+        seen = httpx.get(b.url + "/v1/usage", headers={"X-API-Key": "honest"}).json()["extraction"]["queries_seen"]
+        assert seen == 12  # no update lost between the replicas
+    # Now a threshold above any distance: the first scored query (a key's third) flags it.
+    with serve(model, *common, "--detector-threshold", "1e6") as a, serve(model, *common, "--detector-threshold",
+                                                                             "1e6") as b:
+        two = [png(i) for i in digits_test_images(2)]
+        assert httpx.post(a.url + "/predict", files=files(two), headers={"X-API-Key": "thief"}).status_code == 200
+        r = httpx.post(b.url + "/predict", files=files([IMG]), headers={"X-API-Key": "thief"})
+        assert r.status_code == 403 and r.json()["reason"] == "extraction_flagged"  # b scored a's two queries
+        assert httpx.post(a.url + "/predict", files=files([IMG]), headers={"X-API-Key": "thief"}).status_code == 403
+        assert httpx.get(a.url + "/v1/usage", headers={"X-API-Key": "honest"}).json()["extraction"]["flagged"] is False
