@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from service.config import Settings
 from service.core import Service
@@ -26,9 +28,17 @@ class BodyTooLarge(ClientError, HTTPException):
         self.message, self.status, self.reason, self.headers = message, 413, "body_too_large", {}
 
 
+class BodyTimeout(ClientError, HTTPException):
+    def __init__(self, seconds: float):
+        message = f"request body not complete within {seconds:g} s of its headers"
+        HTTPException.__init__(self, 408, message)
+        self.message, self.status, self.reason, self.headers = message, 408, "body_timeout", {"Connection": "close"}
+
+
 class Instrument:
     """Pure ASGI middleware: counts requests by route template and status, times them, and stops request bodies
-    over the limit (by Content-Length at once, or while streaming when there is none)."""
+    over the limit (by Content-Length at once, or while streaming when there is none) or not complete within the
+    body deadline (408)."""
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
@@ -39,11 +49,19 @@ class Instrument:
         metrics, limit = self.service.metrics, self.service.settings.max_body_bytes
         start, status = time.perf_counter(), [500]
         length = dict(scope["headers"]).get(b"content-length")
-        received = [0]
+        received, done = [0], [False]
+        deadline = start + self.service.settings.body_timeout_s
 
         async def limited_receive():
-            message = await receive()
+            if done[0]:  # the body is in: later receives wait for a disconnect, with no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
+            except TimeoutError:
+                metrics.rejections.labels("body_timeout").inc()
+                raise BodyTimeout(self.service.settings.body_timeout_s) from None
             if message["type"] == "http.request":
+                done[0] = not message.get("more_body", False)
                 received[0] += len(message.get("body", b""))
                 if received[0] > limit:
                     raise BodyTooLarge(limit)
@@ -107,6 +125,14 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     async def client_error(request: Request, e: ClientError):
         service.metrics.rejections.labels(e.reason).inc()
         return _error_response(request.url.path, e)
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, e: ClientDisconnect):
+        # The client went away mid-request: its doing, not the server's. Counted as 499 (as nginx does), one log
+        # line, nothing charged (budgets are charged only after the whole body is read and decoded).
+        service.metrics.rejections.labels("client_disconnect").inc()
+        log.info(json.dumps({"event": "client_disconnect", "path": request.url.path}))
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):

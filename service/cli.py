@@ -47,9 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, ValueError, OSError) as e:
         print(f"astguard-serve: error: {e}", file=sys.stderr)
         return 2
+    import logging
+
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    # The service's own lines (a disconnect, a flag, a refusal) beside uvicorn's, at the same level.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    own = logging.getLogger("astguard")
+    own.addHandler(handler)
+    own.setLevel(getattr(logging, settings.log_level.upper(), logging.DEBUG))  # uvicorn's "trace": everything
+    own.propagate = False
+
+    from service.server import guarded_protocol
+
+    protocol = guarded_protocol(settings.header_timeout_s, settings.max_connections,
+                                lambda reason: app.state.service.metrics.rejections.labels(reason).inc())
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                http=protocol)
     return 0
 
 

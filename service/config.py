@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1, description="more images in one request: 413")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies: 413")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height above this: 413, before decoding")
+    max_request_pixels: int = Field(64 * 1024 * 1024, ge=1, description="pixels decoded for one request, all its "
+                                    "images together (after JPEG draft reduction): above this, 413 before decoding")
+    max_concurrent_decodes: int = Field(default_factory=lambda: cpu_limit(), ge=1,
+                                        description="requests decoding images at once; the rest wait their turn")
+    header_timeout_s: float = Field(10.0, gt=0, le=300, description="a request's headers must arrive within this: "
+                                                                    "408 and the connection closed")
+    body_timeout_s: float = Field(30.0, gt=0, le=600, description="a request's whole body must arrive within this "
+                                                                  "of its headers: 408")
+    max_connections: int = Field(512, ge=1, description="open connections beyond this get 503 and are closed")
 
     # access control and accounting
     api_keys: str = Field("", description="comma-separated API keys; none configured = open service")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,7 @@ class Service:
     detection: DetectionStore = field(default_factory=MemoryDetectionStore)
     admins: KeyRing = field(default_factory=lambda: KeyRing([]))
     runner: Runner = field(init=False)
+    decoding: asyncio.Semaphore = field(init=False)
     ready: bool = False
 
     def __post_init__(self):
@@ -100,6 +102,7 @@ class Service:
         self.degraded, _ = make_defense(s.degraded_defense, **{p: getattr(s, f"defense_{p}")
                                                                for p in DEFENSES.entry(s.degraded_defense).params})
         self.runner = self._runner(self.model)
+        self.decoding = asyncio.Semaphore(s.max_concurrent_decodes)
         # Each other model answers the same images in its own batched call (its own micro-batcher).
         self.other_runners = {name: self._runner(m) for name, m in self.others.items()}
 
@@ -172,6 +175,23 @@ class Service:
                            "its requests are refused until an administrator clears the flag", 403,
                            "extraction_flagged")
 
+    def _exhausted(self, n: int, remaining: int, retry_after_s: int) -> ClientError:
+        return ClientError(f"image budget exhausted: {remaining} of {self.settings.budget_images} images left in "
+                           f"this period, {n} asked for", 429, "budget_exhausted",
+                           {"X-Budget-Remaining": str(remaining), "Retry-After": str(retry_after_s)})
+
+    def precheck(self, identity: str, n: int) -> None:
+        """Before any image of a request is decoded: refused when the key is flagged (block) or its budget cannot
+        cover the n images, so an exhausted key costs no decoding. The charge itself comes after decoding (bad input
+        costs nothing) and is the exact, atomic one."""
+        self.check_blocked(identity)
+        if self.settings.budget_images is None:
+            return
+        remaining = self._shared(self.budgets.remaining, identity)
+        if remaining is not None and remaining < n:
+            period = self.settings.budget_period_s
+            raise self._exhausted(n, remaining, max(1, int(np.ceil(period - time.time() % period))))
+
     def check_blocked(self, identity: str) -> None:
         """Under the block policy, a flagged key is refused before its images are read or charged."""
         if self.settings.detector != "none" and self.settings.detection_policy == "block" and \
@@ -196,9 +216,7 @@ class Service:
         self.check_blocked(identity)
         charge = self._shared(self.budgets.charge, identity, n)
         if not charge.allowed:
-            raise ClientError(f"image budget exhausted: {charge.remaining} of {self.settings.budget_images} images "
-                              f"left in this period, {n} asked for", 429, "budget_exhausted",
-                              {"X-Budget-Remaining": str(charge.remaining), "Retry-After": str(charge.retry_after_s)})
+            raise self._exhausted(n, charge.remaining, charge.retry_after_s)
         try:
             raw = await self.runner.predict(images)
             others = {name: await r.predict(images) for name, r in self.other_runners.items()}
@@ -266,7 +284,9 @@ class Service:
                        "max_image_pixels": s.max_image_pixels, "resize_policy": s.resize_policy,
                        "budget_images": s.budget_images, "budget_period_s": s.budget_period_s,
                        "budget_backend": s.budget_backend,
-                       "rate_limit_per_s": s.rate_limit_per_s},
+                       "rate_limit_per_s": s.rate_limit_per_s, "max_request_pixels": s.max_request_pixels,
+                       "max_concurrent_decodes": s.max_concurrent_decodes, "header_timeout_s": s.header_timeout_s,
+                       "body_timeout_s": s.body_timeout_s, "max_connections": s.max_connections},
             "auth": "open" if self.keys.open else "api-key",
             "detection": {"detector": s.detector, "params": self.detector_params, "policy": s.detection_policy,
                           **({"degraded_defense": s.degraded_defense} if s.detection_policy == "degrade" else {})},

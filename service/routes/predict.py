@@ -14,7 +14,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from astguard.card import PROBABILITIES
 from service.core import Service
 from service.errors import ClientError, validation_reasons
-from service.images import decode_image
+from service.images import decode_opened, decoded_pixels, open_image
 from service.routes.deps import ERRORS, caller, get_service
 
 router = APIRouter(tags=["predict"])
@@ -93,9 +93,19 @@ async def read_blobs(request: Request, limit: int) -> list[tuple[str, bytes]]:
 
 
 def decode_all(blobs: list[tuple[str, bytes]], service: Service) -> np.ndarray:
+    """Every image's header first (pixel limits, the request's total, JPEG draft sizes), then the pixels: a request
+    over a limit costs no decoding."""
     m, s = service.model, service.settings
-    return np.stack([decode_image(blob, label, mode=m.color_mode, size=(m.width, m.height),
-                                  max_pixels=s.max_image_pixels, policy=s.resize_policy) for label, blob in blobs])
+    size = (m.width, m.height)
+    opened = [open_image(blob, label, mode=m.color_mode, size=size, max_pixels=s.max_image_pixels,
+                         policy=s.resize_policy) for label, blob in blobs]
+    total = sum(decoded_pixels(img) for img in opened)
+    if total > s.max_request_pixels:
+        raise ClientError(f"the request's images come to {total} pixels to decode, over the limit of "
+                          f"{s.max_request_pixels} per request (ASTGUARD_MAX_REQUEST_PIXELS); send fewer or smaller "
+                          "images per request", 413, "too_many_pixels")
+    return np.stack([decode_opened(img, label, mode=m.color_mode, size=size)
+                     for img, (label, _) in zip(opened, blobs)])
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra={"requestBody": {
@@ -106,7 +116,9 @@ async def predict(request: Request, identity: str = Depends(caller), service: Se
     (or refused, with `ASTGUARD_RESIZE_POLICY=reject`). The probabilities are the output defense's."""
     service.check_blocked(identity)  # before reading a flagged key's images
     blobs = await read_blobs(request, service.settings.max_images_per_request)
-    images = await run_in_threadpool(decode_all, blobs, service)
+    service.precheck(identity, len(blobs))  # an exhausted budget is refused before any decoding
+    async with service.decoding:  # at most MAX_CONCURRENT_DECODES requests decode at once
+        images = await run_in_threadpool(decode_all, blobs, service)
     answer = await service.classify(identity, images)
     card, names = service.model.card, service.model.class_names
     # Built by hand, not through PredictResponse: pydantic would cost more than the model for small images.

@@ -124,6 +124,8 @@ async def infer(name: str, http: Request, identity: str = Depends(caller),
     for out in request.outputs or []:
         if out.name != PROBABILITIES:
             raise ClientError(f"unknown output {out.name!r}; this server returns {PROBABILITIES!r} only")
+    shape = request.inputs[0].shape
+    service.precheck(identity, shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else 1)
     images = tensor_to_images(request.inputs[0], service)
     answer = await service.classify(identity, images)
     body = {"model_name": name, "model_version": service.model.card.version, "id": request.id,
