@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from service.config import Settings
@@ -134,6 +135,15 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         log.info(json.dumps({"event": "client_disconnect", "path": request.url.path}))
         return Response(status_code=499)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        # Starlette's own 404 and 405 (no such route, wrong method) in the API's error shape, {"error"} under /v2.
+        if isinstance(e, ClientError):
+            return await client_error(request, e)
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return _error_response(request.url.path, ClientError(str(e.detail), e.status_code, reason,
+                                                             dict(e.headers or {})))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         service.metrics.rejections.labels("invalid_request").inc()
@@ -145,4 +155,37 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     for module in (predict, v2, info, usage):
         app.include_router(module.router)
     app.add_middleware(Instrument, service=service)
+    app.openapi = lambda: openapi_document(app, service)
     return app
+
+
+# Routes that take an API key when keys are configured (the rest stay open: health, server metadata, metrics, docs).
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/v2", "/metrics")
+
+
+def openapi_document(app: FastAPI, service: Service) -> dict:
+    """FastAPI's document, made true: the request bodies' models in components (their references resolve), the
+    API key as a security scheme on the routes that take it."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    from service.routes.predict import ImagesJSON
+    from service.routes.v2 import InferRequest
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    _, defs = models_json_schema([(ImagesJSON, "validation"), (InferRequest, "validation")],
+                                 ref_template="#/components/schemas/{model}")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(defs.get("$defs", {}))
+    doc["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "an API key (ASTGUARD_API_KEYS)"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "the same key"}}
+    if not service.keys.open:
+        for path, item in doc["paths"].items():
+            if path not in OPEN_PATHS:
+                for op in item.values():
+                    op["security"] = [{"bearer": []}, {"apiKey": []}]
+    app.openapi_schema = doc
+    return doc

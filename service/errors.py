@@ -11,6 +11,7 @@ class ClientError(Exception):
         self.message, self.status, self.reason, self.headers = message, status, reason, headers or {}
 
 
-def validation_reasons(errors: list[dict]) -> str:
-    """pydantic's errors as one line: `inputs.0.shape: Field required; ...`."""
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errors)
+def validation_reasons(errors: list[dict], limit: int = 5) -> str:
+    """pydantic's errors as one line: `inputs.0.shape: Field required; ...`, the first `limit` of them."""
+    shown = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errors[:limit]]
+    return "; ".join(shown) + (f"; and {len(errors) - limit} more" if len(errors) > limit else "")

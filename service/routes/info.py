@@ -17,7 +17,8 @@ async def model_info(identity: str = Depends(caller), service: Service = Depends
     return service.describe()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(service: Service = Depends(get_service)):
     """Prometheus metrics: requests by route and status, latency, queue and compute time, batch sizes,
     images served per key, rejections by reason."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -20,9 +21,15 @@ from service.routes.deps import ERRORS, caller, get_service
 router = APIRouter(tags=["predict"])
 
 
+# Standard base64 with its padding, after an optional data: URL prefix.
+BASE64 = r"^(data:[^,]*,)?(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$"
+
+
 class ImagesJSON(BaseModel):
-    images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, WebP, BMP...); "
-                                                         "a `data:image/...;base64,` prefix is allowed")
+    # The pattern is documented, and checked by base64 itself (a 400 naming the image, not a regex's message).
+    images: list[Annotated[str, Field(min_length=1, json_schema_extra={"pattern": BASE64})]] = Field(
+        min_length=1, description="base64-encoded image files (PNG, JPEG, WebP, BMP...); a `data:image/...;base64,` "
+                                  "prefix is allowed")
 
 
 class ModelRef(BaseModel):
@@ -110,7 +117,7 @@ def decode_all(blobs: list[tuple[str, bytes]], service: Service) -> np.ndarray:
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra={"requestBody": {
     "required": True, "content": {"multipart/form-data": {"schema": _FILES_SCHEMA},
-                                  "application/json": {"schema": ImagesJSON.model_json_schema()}}}})
+                                  "application/json": {"schema": {"$ref": "#/components/schemas/ImagesJSON"}}}}})
 async def predict(request: Request, identity: str = Depends(caller), service: Service = Depends(get_service)):
     """Classify one or more images. Each is converted to the model's colour mode and resized to its input size
     (or refused, with `ASTGUARD_RESIZE_POLICY=reject`). The probabilities are the output defense's."""

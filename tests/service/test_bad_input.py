@@ -86,16 +86,28 @@ def test_multipart_without_images_gets_400(server):
 
 @pytest.mark.parametrize("tensor,words", [
     ({"name": "image", "shape": [1, 3, 8, 8], "datatype": "UINT8", "data": [0] * 192}, "shape"),
-    ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "INT64", "data": [0] * 64}, "datatype"),
     ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [0] * 63}, "63 values"),
     ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [300] * 64}, "0..255"),
     ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [2.0] * 64}, "[0, 1]"),
-    ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": ["a"] * 64}, "numbers"),
+    ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [[0.5] * 32, [True] * 32]}, "got bool"),
+    ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [[0.5] * 32, [0.5] * 31]}, "evenly"),
     ({"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}, "unknown input"),
 ])
 def test_v2_wrong_tensors_get_400_with_the_reason(server, tensor, words):
     r = httpx.post(server.url + "/v2/models/digits-ast/infer", json={"inputs": [tensor]})
     assert r.status_code == 400 and words in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("tensor,words", [
+    ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "INT64", "data": [0] * 64}, "datatype"),
+    ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "", "data": [0] * 64}, "datatype"),
+    ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": ["0.5"] * 64}, "data"),
+    ({"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [True] * 64}, "data"),
+    ({"name": "image", "shape": ["1", 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}, "shape"),
+])
+def test_v2_tensors_the_schema_refuses_get_422_in_the_protocols_error_shape(server, tensor, words):
+    r = httpx.post(server.url + "/v2/models/digits-ast/infer", json={"inputs": [tensor]})
+    assert r.status_code == 422 and words in r.json()["error"], r.text
 
 
 def test_v2_refuses_to_serve_logits(server):
@@ -142,3 +154,15 @@ def test_formats_that_decode_while_opening_are_refused(server):
     Image.new("RGB", (64, 64)).save(buf, "ICO")  # Pillow's ICO plugin decodes its image inside Image.open
     r = post(server, files=[("files", ("x.ico", buf.getvalue(), "image/x-icon"))])
     assert r.status_code == 400 and "supported format" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("method, path, status, field", [
+    ("GET", "/v2/models/digits-ast/nothing", 404, "error"),
+    ("PUT", "/v2/models/digits-ast/infer", 405, "error"),
+    ("GET", "/v2/models/digits-ast/versions/7", 404, "error"),
+    ("GET", "/nothing", 404, "detail"),
+    ("DELETE", "/predict", 405, "detail"),
+])
+def test_unknown_routes_and_methods_answer_in_the_apis_error_shape(server, method, path, status, field):
+    r = httpx.request(method, server.url + path)
+    assert r.status_code == status and set(r.json()) == {field, "reason"}, r.text
