@@ -56,6 +56,9 @@ def test_compose_file_matches_the_compose_spec_and_its_cpu_limit_matches_onnxrun
     assert svc["environment"]["ASTGUARD_BUDGET_BACKEND"] == "redis"
     assert svc["environment"]["ASTGUARD_API_KEYS_FILE"].startswith("/run/secrets/")
     assert svc["depends_on"]["redis"]["condition"] == "service_healthy" and "healthcheck" in compose["services"]["redis"]
+    proxy = compose["services"]["proxy"]  # clients reach the service through nginx only (tests/deploy/test_proxy.py)
+    assert "ports" not in svc and proxy["volumes"][0]["source"] == "./nginx.conf"
+    assert proxy["depends_on"]["astguard"]["condition"] == "service_healthy"
 
 
 def _resources(kustomization: Path) -> list[Path]:
