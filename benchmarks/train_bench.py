@@ -6,6 +6,8 @@
     with num_workers=0 and num_workers=2; the same batches are also timed without the model (loader only).
 (2) `pgd_linf` (input gradients only) versus the released AST code's PGD step, which called
     `model.zero_grad(); loss.backward()` and so computed every weight gradient as well.
+(3) The training step in fp32 against channels_last, bf16 autocast, and both (training/loop.py's `--precision
+    bf16` and `--channels-last`), as ratios against fp32.
 
 Run from the repository root:
     python benchmarks/train_bench.py [--arch cnn5] [--images 4096] [--batch-size 128] [--device auto]
@@ -15,6 +17,7 @@ Every figure is the median over --repeats timed runs; the arms take turns so slo
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -58,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--no-precision", action="store_true", help="skip (3), bf16 / channels_last against fp32")
     return p.parse_args(argv)
 
 
@@ -186,6 +190,54 @@ def bench_training(arms, model, init, args, device, steps) -> dict:
             for kind, d in (("train", train_s), ("loader_only", loader_s))}
 
 
+# ---------------------------------------------------------------- (3) precision and memory format
+
+PRECISION_ARMS = {"fp32": (False, False), "channels_last": (False, True), "bf16": (True, False),
+                  "bf16_channels_last": (True, True)}
+
+
+def bench_precision(data, model, init, args, device, steps) -> dict:
+    """The training loop's step (training/loop.py: `--precision bf16` autocast, `--channels-last`) against fp32, on
+    the device-resident loader, the arms alternating round by round."""
+    loader = DeviceLoader(data["images"].to(device), data["labels"].to(device), args.batch_size, crop_pad=CROP_PAD,
+                          flip=True, drop_last=True, seed=args.seed)
+    models = {}
+    for name, (_, channels_last) in PRECISION_ARMS.items():
+        m = copy.deepcopy(model)
+        m.load_state_dict(init)
+        models[name] = m.to(memory_format=torch.channels_last) if channels_last else m
+
+    def stepper(name):
+        bf16, channels_last = PRECISION_ARMS[name]
+        m = models[name]
+        opt = reset(m, init, args.lr, args.seed)
+
+        def step(x, y):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(m(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.float().backward()
+            opt.step()
+        return step
+
+    for name in PRECISION_ARMS:  # warm-up
+        step = stepper(name)
+        for i, b in enumerate(loader.epoch(10_000)):
+            step(b.x, b.y)
+            if i + 1 >= args.warmup:
+                break
+    seconds = {name: [] for name in PRECISION_ARMS}
+    for r in range(args.repeats):
+        for name in PRECISION_ARMS:
+            sec, n = time_epoch(((b.x, b.y) for b in loader.epoch(r)), device, stepper(name))
+            assert n == steps
+            seconds[name].append(sec)
+    images = steps * args.batch_size
+    return {name: {"seconds": s, "images_per_s": images / statistics.median(s)} for name, s in seconds.items()}
+
+
 # ---------------------------------------------------------------- (2) PGD
 
 def pgd_naive(model, x, y, *, eps: float, step: float, steps: int) -> torch.Tensor:
@@ -271,6 +323,10 @@ def summarise(results: dict, args) -> dict:
                 dev, results[kind][f"dataloader_w{w}"]["seconds"])
     pgd = results["pgd"]
     summary[PGD_KEY] = speedup(pgd["pgd_linf"]["seconds"], pgd["naive_backward"]["seconds"])
+    if "precision" in results:
+        fp32 = results["precision"]["fp32"]["seconds"]
+        for name in list(PRECISION_ARMS)[1:]:
+            summary[f"training step speed-up ({name} / fp32)"] = speedup(results["precision"][name]["seconds"], fp32)
     return summary
 
 
@@ -297,6 +353,11 @@ def report(results: dict, args) -> str:
         lines.append(f"  {name:<16} {p[name]['image_steps_per_s']:>10.0f}   (runs s: {runs})")
     lines.append(f"  ratio pgd_linf / naive_backward: {fmt(summary[PGD_KEY])}")
     lines.append(f"  adversarial pixels identical between the two: {100 * p['pixel_agreement']:.2f}%")
+    if "precision" in results:
+        lines += ["", "(3) training steps by precision and memory format, images/s (device loader)"]
+        for name, r in results["precision"].items():
+            runs = " ".join(f"{s:.2f}" for s in r["seconds"])
+            lines.append(f"  {name:<20} {r['images_per_s']:>10.0f}   (runs s: {runs})")
     lines += ["", "summary"]
     lines += [f"  {k}: {fmt(v)}" for k, v in summary.items()]
     lines.append(f"  wall time: {results['wall_s']:.1f} s")
@@ -336,6 +397,8 @@ def main(argv=None) -> dict:
     y = data["labels"][:args.batch_size].to(device)
     results["pgd"] = bench_pgd(model, x, y, args, device)
 
+    if not args.no_precision:
+        results["precision"] = bench_precision(data, model, init, args, device, steps)
     results["summary"] = summarise(results, args)
     results["wall_s"] = time.perf_counter() - t_start
     results["env"]["other_cpu_share"] = other_cpu_share(cpu_at_start)

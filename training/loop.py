@@ -126,7 +126,7 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
     Under torchrun (training.distributed) every rank trains its share of each global batch with DDP and the
     result equals a single process's with the same batch size; rank 0 alone writes logs and checkpoints."""
     cfg: Config = members[0].ctx.cfg
-    loader_keys = ("batch_size", "crop_pad", "flip", "seed")
+    loader_keys = ("batch_size", "crop_pad", "flip", "seed", "precision")
     if any(getattr(m.ctx.cfg, k) != getattr(cfg, k) for m in members for k in loader_keys):
         raise ValueError(f"fit_group members must share {', '.join(loader_keys)}")
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
@@ -149,6 +149,8 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
             m.start, m.history = state["epoch"], state["history"]
         if main:
             (m.out_dir / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in m.history))
+        if m.ctx.cfg.channels_last:
+            m.model.to(memory_format=torch.channels_last)
         m.net = distributed.wrap(m.model, device)
 
     loader = DeviceLoader(train.images.to(device), train.labels.to(device), cfg.batch_size,
@@ -157,6 +159,9 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
                           flip=cfg.flip, seed=cfg.seed, shard=(rank, world))
     steps = len(loader)
     progress = progress and main
+    # bf16 autocast: the forward passes and the losses in bfloat16 where torch's autocast policy allows (softmax,
+    # log_softmax and losses stay float32); the weights, gradients and optimizer stay float32.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     swap = len(members) > 1  # a lone model keeps the global random stream; a group swaps one per member
     names = "+".join(m.recipe.name for m in members)
     for epoch in range(min((m.start for m in members), default=epochs), epochs):
@@ -181,7 +186,10 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
                     _set_rng_state(m.rng, device)
                 for group in m.opt.param_groups:
                     group["lr"] = lr_at(m.ctx.cfg, epoch + i / steps, epochs)
-                loss, terms, logits = m.recipe.loss(m.net, batch, m.ctx)
+                with autocast:
+                    loss, terms, logits = m.recipe.loss(m.net, batch, m.ctx)
+                loss, terms, logits = loss.float(), {k: v.float() if torch.is_tensor(v) else v
+                                                     for k, v in terms.items()}, logits.float()
                 if swap:
                     m.rng = _rng_state(device)
                 # Every rank must take or skip the step together, or DDP waits forever.

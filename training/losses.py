@@ -81,9 +81,27 @@ def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) ->
     return t * t * kl_divergence(F.log_softmax(student_logits / t, dim=1), log_q)
 
 
-def nasty_loss(logits: Tensor, base_logits: Tensor, labels: Tensor, *, weight: float, temperature: float
-               ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Nasty Teacher: CE(f(x), y) - w * T^2 * KL(softmax(base(x)/T) || softmax(f(x)/T))."""
+NT_DIRECTIONS = ("authors", "reverse")
+
+
+def nasty_loss(logits: Tensor, base_logits: Tensor, labels: Tensor, *, weight: float, temperature: float,
+               direction: str = "authors") -> tuple[Tensor, dict[str, Tensor]]:
+    """Nasty Teacher: CE(f(x), y) - w * T^2 * KL, the KL between the nasty model f and the frozen base, per sample
+    summed over classes and averaged over the batch.
+
+    - `authors` (VITA-Group/Nasty-Teacher, train_nasty.py): `KLDivLoss(reduction="batchmean")(log_softmax(base/T),
+      softmax(f/T)) * T^2`, which is KL(softmax(f/T) || softmax(base/T)), the gradient flowing through f's own
+      distribution;
+    - `reverse`: KL(softmax(base/T) || softmax(f/T)), the usual distillation direction (astguard's earlier form).
+    """
+    if direction not in NT_DIRECTIONS:
+        raise ValueError(f"unknown Nasty Teacher direction {direction!r}; choose one of {', '.join(NT_DIRECTIONS)}")
     ce = F.cross_entropy(logits, labels)
-    kl = kd_kl(logits, base_logits, temperature)
+    t = temperature
+    if direction == "authors":
+        log_p = F.log_softmax(logits / t, dim=1)
+        log_q = F.log_softmax(base_logits.detach() / t, dim=1)
+        kl = t * t * (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    else:
+        kl = kd_kl(logits, base_logits, temperature)
     return ce - weight * kl, {"ce": ce.detach(), "kl_to_base": kl.detach()}

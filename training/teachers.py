@@ -94,7 +94,7 @@ def _nt(model, batch, ctx):
         base_logits = ctx.base(batch.x)
     logits = model(batch.x)
     loss, terms = nasty_loss(logits, base_logits, batch.y, weight=ctx.cfg.nt_weight,
-                             temperature=ctx.cfg.nt_temperature)
+                             temperature=ctx.cfg.nt_temperature, direction=ctx.cfg.nt_direction)
     return loss, terms, logits
 
 
@@ -105,8 +105,9 @@ register_teacher(Recipe("base", "cross-entropy: the undefended teacher", _base))
 register_teacher(Recipe("ast", "Adversarial Sparse Teacher: `a*T^2 * D(softmax(f(x)/T), softmax(sparse_k(f(x_adv))/T)) "
                                "+ (1-a)*CE(f(x), y)`, with x_adv the image's own PGD example", _ast, SPARSE + PGD,
                         needs_base=True, needs_adversarial=True))
-register_teacher(Recipe("nt", "Nasty Teacher: `CE(f(x), y) - w*T^2*KL(softmax(base(x)/T) || softmax(f(x)/T))`; steps "
-                              "with a non-finite loss are skipped and counted", _nt, ("nt_weight", "nt_temperature"),
+register_teacher(Recipe("nt", "Nasty Teacher: `CE(f(x), y) - w*T^2*KL(softmax(f(x)/T) || softmax(base(x)/T))` (the "
+                              "authors' code; --nt-direction reverse swaps the KL); steps with a non-finite loss are "
+                              "skipped and counted", _nt, ("nt_weight", "nt_temperature", "nt_direction"),
                         needs_base=True, nan_guard=True))
 register_teacher(Recipe("stt", "Stingy-Trained Teacher: AST's loss, with the base model's sparse answer on the clean "
                                "image as the target", _stt, SPARSE, needs_base=True))

@@ -116,11 +116,38 @@ def test_kd_term_is_t_squared_times_kl_teacher_to_student():
     assert kd_kl(student, teacher, t).item() == pytest.approx(t * t * 0.092033, rel=1e-4)
 
 
-def test_nasty_loss_is_cross_entropy_minus_weighted_kl_to_the_base():
+def test_nasty_loss_is_cross_entropy_minus_weighted_kl_of_the_nasty_model_to_the_base():
     t = 2.0
     logits, base = t * torch.log(P), t * torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    loss, terms = nasty_loss(logits, base, torch.tensor([1]), weight=0.5, temperature=t)
     ce = torch.nn.functional.cross_entropy(logits, torch.tensor([1])).item()
-    assert loss.item() == pytest.approx(ce - 0.5 * t * t * 0.092033, rel=1e-4)
+    # The authors' direction, KL(f || base) = .7 ln(.7/.5) + .2 ln(.2/.3) + .1 ln(.1/.2) = 0.235531 - 0.081093 - 0.069315
+    loss, terms = nasty_loss(logits, base, torch.tensor([1]), weight=0.5, temperature=t)
+    assert loss.item() == pytest.approx(ce - 0.5 * t * t * 0.085123, rel=1e-4)
+    # The reverse, KL(base || f): 0.092033 (see the kd term's test above)
+    reverse, _ = nasty_loss(logits, base, torch.tensor([1]), weight=0.5, temperature=t, direction="reverse")
+    assert reverse.item() == pytest.approx(ce - 0.5 * t * t * 0.092033, rel=1e-4)
     same, _ = nasty_loss(logits, logits, torch.tensor([1]), weight=0.5, temperature=t)
     assert same.item() == pytest.approx(ce, rel=1e-6)
+    with pytest.raises(ValueError, match="direction"):
+        nasty_loss(logits, base, torch.tensor([1]), weight=0.5, temperature=t, direction="sideways")
+
+
+def test_nasty_loss_matches_kldivloss_called_as_the_authors_do_in_value_and_gradient():
+    torch.manual_seed(0)
+    t, w = 4.0, 0.04
+    base = torch.randn(16, 10)
+    labels = torch.randint(0, 10, (16,))
+    ours_logits = torch.randn(16, 10, requires_grad=True)
+    theirs_logits = ours_logits.detach().clone().requires_grad_(True)
+    ours, terms = nasty_loss(ours_logits, base, labels, weight=w, temperature=t)
+    F = torch.nn.functional
+    # train_nasty.py: nn.KLDivLoss(reduction='batchmean')(log_softmax(output_stu/T), softmax(output_tch/T)) * T*T,
+    # with output_stu the frozen base ("adversarial model") and output_tch the nasty teacher being trained.
+    adv = torch.nn.KLDivLoss(reduction="batchmean")(F.log_softmax(base / t, dim=1),
+                                                     F.softmax(theirs_logits / t, dim=1)) * (t * t)
+    theirs = F.cross_entropy(theirs_logits, labels) - w * adv
+    assert terms["kl_to_base"].item() == pytest.approx(adv.item(), rel=1e-5)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_logits.grad, theirs_logits.grad, rtol=1e-5, atol=1e-7)
