@@ -62,6 +62,17 @@ class Charge:
     period: int = field(default=0, compare=False)  # the period charged, so a refund goes back to the same one
 
 
+def thread_connection(local: threading.local, path: Path) -> sqlite3.Connection:
+    """This thread's connection to the SQLite file (autocommit: the callers use explicit transactions)."""
+    db = getattr(local, "db", None)
+    if db is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA synchronous=NORMAL")
+        local.db = db
+    return db
+
+
 class BudgetStore:
     """Images used per key per period, in SQLite. One conditional UPDATE inside BEGIN IMMEDIATE makes a charge
     atomic across threads and processes: n images allowed, the n+1st refused, whatever the interleaving."""
@@ -83,13 +94,7 @@ class BudgetStore:
                        "used INTEGER NOT NULL)")
 
     def _connect(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
+        return thread_connection(self._local, self.path)
 
     def _period(self, now: float) -> int:
         return int(now // self.period_s)

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from astguard.registry import Registry
+from service.access import thread_connection
 
 
 @dataclass
@@ -258,13 +259,7 @@ class SQLiteDetectionStore(DetectionStore):
             raise ValueError(f"cannot use detection database {self.path}: {e}") from None
 
     def _connect(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
+        return thread_connection(self._local, self.path)
 
     def update(self, key, fn):
         db = self._connect()
