@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py [--data ../shared/data/cifar10-jpeg.zip] [--out docs/results/gpu] [--budget-s 420]
 
 Steps, each timed and recorded even when another fails (a step that fails is written down with its error):
-1. `cuda`: the device, torch's CUDA and bf16 support, onnxruntime's providers.
+1. `cuda`: the device, torch's CUDA and bf16 support, onnxruntime's providers; then `cuda_tests`, the CUDA test
+   subset (`pytest tests/cuda`: loader, PGD, AST/NT/InI steps in bf16, DDP over nccl, export, onnxruntime-gpu).
 2. `train_bench`: teacher-training images/s on CUDA, fp32 against channels_last, bf16 autocast and both, and PGD
    images*steps/s (benchmarks/train_bench.py --device cuda, ResNet-18 on CIFAR-10 images).
 3. `slice`: a timed slice of the paper-scale CIFAR-10 ResNet-18 pipeline (preset cifar10-resnet18, bf16 +
@@ -61,6 +62,13 @@ def step_cuda(args, left) -> dict:
             "python": platform.python_version()}
 
 
+def step_cuda_tests(args, left) -> dict:
+    """The CUDA test subset (tests/cuda): loader, PGD, AST/NT/InI steps, DDP over nccl, export, onnxruntime-gpu."""
+    out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cuda"], min(left, 180))
+    out["summary"] = out["tail"].strip().splitlines()[-1] if out["tail"].strip() else ""
+    return out
+
+
 def step_train_bench(args, left) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = _run([sys.executable, "benchmarks/train_bench.py", "--device", "cuda", "--arch", "resnet18",
@@ -103,7 +111,7 @@ def step_serve(args, left) -> dict:
                  "--server-args", "--device cuda"], left)
 
 
-STEPS = {"cuda": step_cuda, "train_bench": step_train_bench, "slice": step_slice, "serve": step_serve}
+STEPS = {"cuda": step_cuda, "cuda_tests": step_cuda_tests, "train_bench": step_train_bench, "slice": step_slice, "serve": step_serve}
 
 
 def markdown(results: dict) -> str:

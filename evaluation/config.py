@@ -35,6 +35,9 @@ class Scale:
     student: dict = field(default_factory=dict)  # the students' optimisation, where it differs from the teachers'
     student_epochs: int | None = None  # None: the teacher's epochs
     query_size: int | None = None  # None: every held-out training image
+    recipes: dict = field(default_factory=dict)  # per teacher recipe: overrides of `teacher` (a reduced InI, LTD...)
+    paper_size: int | None = None  # paper protocol (and the students alone): KD on this many of the teacher's
+    #                                training images, a class-balanced subset (None: all of them)
 
 
 SCALES: dict[str, Scale] = {
@@ -47,6 +50,20 @@ SCALES: dict[str, Scale] = {
                  dict(arch="resnet20", epochs=30, limit_train=4000, limit_test=2000, schedule="cosine",
                       milestones=(), lr=0.1, pgd_steps=10, pgd_step=0.03),
                  student=dict(lr=0.05), student_epochs=10, query_size=4000),
+    # 2 CPU cores, CIFAR-10, every row and attack at 3 seeds in under 100 minutes with --jobs 2
+    # (docs/results/cifar10-cpu-full/README.md): ResNet-20 teachers on 45,000 images in bf16 and channels_last,
+    # the other 5,000 the thief's queries; InI and LTD start from the base and train one epoch.
+    "cpu-full": Scale("CIFAR-10 on 2 CPU cores, every row and attack: ResNet-20 teachers on 45,000 images (7 "
+                      "epochs, bf16), cnn5 thieves with the other 5,000 as queries; about 100 minutes with --jobs 2",
+                      dict(arch="resnet20", epochs=7, limit_train=45000, batch_size=256, lr=0.2, schedule="cosine",
+                           milestones=(), pgd_steps=5, pgd_step=0.06, precision="bf16", channels_last=True,
+                           test_every=0, robust_images=1000),
+                      student=dict(lr=0.05), student_epochs=5, paper_size=5000,
+                      # The expensive recipes, reduced: fine-tuned from the base for one epoch (InI: double
+                      # backpropagation; LTD: 3 PGD steps per batch instead of 10); the misinformation model: 2 epochs.
+                      recipes={"ini": dict(init_from_base=True, epochs=1),
+                               "ltd": dict(init_from_base=True, epochs=1, ltd_steps=3, ltd_step=3 / 255),
+                               "misinformation": dict(epochs=2)}),
     "paper": Scale("the paper's presets: full training set, 160/200 epochs; for a GPU"),
 }
 
@@ -119,9 +136,10 @@ class EvalConfig:
     out: Path = option(help="results folder: results.json, results.md, figures")
     dataset: str = option("digits", "data set spec (digits, cifar10, cifar100, an ImageFolder dir/.zip)")
     data_root: str = option("data", "where cifar10/cifar100 live in torchvision's format")
-    teachers: list[str] = option(default_rows(), "teacher rows: every teacher recipe, st, or an output defense "
-                                 "on the base network (listed below); default: every teacher recipe, st, and the "
-                                 "defenses marked as default rows", parse=parse_names)
+    teachers: list[str] = option(default_rows(), "teacher rows: every teacher recipe, st, an output defense on the "
+                                 "base network (listed below), or a recipe's variant RECIPE:FIELD=VALUE (e.g. "
+                                 "nt:nt_weight=0.004); default: every teacher recipe, st, and the defenses marked as "
+                                 "default rows", parse=parse_names)
     students: list[str] = option(["cnn5"], "student architectures")
     scale: str = option("smoke", "how big (listed below)", choices=tuple(SCALES))
     seeds: list[int] = option([0], "a count N (seeds 0..N-1) or a list 0,3,7", parse=parse_seeds, shown="1")
@@ -199,10 +217,34 @@ class Row:
         return self.kind in ("teacher", "stingy")
 
 
+def parse_variant(text: str) -> tuple[str, tuple]:
+    """`nt:nt_weight=0.004` -> ("nt", (("nt_weight", 0.004),)): a teacher recipe with some of its own
+    hyperparameters changed (several: `ast:alpha=0.1:temperature=4`)."""
+    recipe, *assignments = text.split(":")
+    if recipe not in teacher_rows():
+        raise ValueError(f"unknown teacher {recipe!r} in {text!r}; a variant is RECIPE:FIELD=VALUE with RECIPE one "
+                         f"of {', '.join(teacher_rows())}")
+    params = TEACHERS.entry(recipe).params
+    out = []
+    for a in assignments:
+        name, _, value = a.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in params or not value.strip():
+            raise ValueError(f"{text!r}: {recipe}'s hyperparameters are {', '.join(params) or 'none'} "
+                             "(RECIPE:FIELD=VALUE)")
+        out.append((name, parse_value(Config, name, value.strip())))
+    if not out:
+        raise ValueError(f"{text!r}: a variant names at least one FIELD=VALUE after the recipe")
+    return recipe, tuple(out)
+
+
 def build_rows(teachers: list[str], sweeps: list[tuple[str, tuple]], top_k: int) -> list[Row]:
     rows = []
     for t in teachers:
-        if t == STINGY:
+        if ":" in t:  # a recipe's variant: its own row and network, e.g. nt:nt_weight=0.004
+            recipe, overrides = parse_variant(t)
+            rows.append(Row(recipe + " " + " ".join(f"{k}={v}" for k, v in overrides), recipe, overrides))
+        elif t == STINGY:
             rows.append(Row(STINGY, "base", top_k=top_k, defense="topk", defense_params=(("k", top_k),)))
         elif t in teacher_rows():
             rows.append(Row(t, t))

@@ -154,7 +154,12 @@ class Evaluation:
 
     # -- configurations
     def teacher_cfg(self, row: Row, seed: int) -> Config:
-        return replace(self.cfg, seed=seed, teacher=row.network, **dict(row.overrides))
+        """The row's network's training: the scale and preset, the scale's reduction of its recipe (which keeps the
+        shared base as it is), then the row's own overrides."""
+        reduced = dict(self.scale.recipes.get(row.network, {}))
+        if reduced and self.cfg.base_epochs is None:
+            reduced["base_epochs"] = self.cfg.epochs
+        return replace(self.cfg, seed=seed, teacher=row.network, **reduced, **dict(row.overrides))
 
     def student_cfg(self, arch: str, seed: int) -> Config:
         return replace(self.cfg, seed=seed, arch=arch, epochs=self.student_epochs, base_epochs=None,
@@ -275,6 +280,8 @@ class Evaluation:
         """The student groups of one seed, (name, protocol, teacher row); each trains in lockstep and depends only
         on finished teachers. A network's paper-protocol students (e.g. base and st's) form one group."""
         out = [("alone", "alone", None)]
+        if "query" in self.eval_cfg.protocols:
+            out.append(("reference", "reference", None))
         if "paper" in self.eval_cfg.protocols:
             firsts = {}
             for r in self.rows:  # an endpoint or a serving-time defense has no logits: no paper protocol for them
@@ -310,7 +317,7 @@ class Evaluation:
                 answers.update(self.served_endpoint(seed, data.test))
             return answers
         res = {"teachers": {}, "statistics": {}, "students": {p: {} for p in PROTOCOLS}, "histograms": {},
-               "attacks": {}, "robust": {}}
+               "attacks": {}, "robust": {}, "latency_ms": {}}
         if only is None:
             self.teacher_cells(res, data.test, net, served)
         for name, protocol, row in self.groups():
@@ -339,15 +346,40 @@ class Evaluation:
             res["robust"][row.name] = card.robustness.get("accuracy") if card else net(row)["robust_accuracy"]
             res["statistics"][row.name] = answer_statistics(probs, test.labels)
             res["histograms"][row.name] = entropy_histogram(probs)
+        if "query" in self.eval_cfg.protocols:
+            res["latency_ms"] = self.latencies(net, test.images)
+
+    def latencies(self, net, images: torch.Tensor, calls: int = 60) -> dict[str, float]:
+        """Each served row's median milliseconds to answer one image in onnxruntime behind its output defense (no
+        HTTP), the rows measured in turn so that a slower spell of the machine falls on all of them alike."""
+        victims = {r.name: self.served(r, net) for r in self.rows if r.network != ENDPOINT}
+        times: dict[str, list[float]] = {name: [] for name in victims}
+        for i in range(calls + 5):
+            one = images[i % len(images)][None]
+            for name, victim in victims.items():
+                t0 = time.perf_counter()
+                answers(victim, one)
+                if i >= 5:  # the first calls warm the session up
+                    times[name].append((time.perf_counter() - t0) * 1000)
+        return {name: float(np.median(t)) for name, t in times.items()}
 
     def train_group(self, res: dict, protocol: str, row: Row | None, student_seed: int, seed: int, data: Dataset,
                     net, served) -> None:
         ec, test = self.eval_cfg, data.test
         if protocol == "alone":  # students trained alone: the reference each student's change is measured from
-            alone = [(arch, arch, TEACHERS["base"], self.student_settings(arch, student_seed, "alone", {}))
+            source = {"paper_size": self.scale.paper_size} if self.scale.paper_size else {}
+            alone = [(arch, arch, TEACHERS["base"], self.student_settings(arch, student_seed, "alone", source))
                      for arch in ec.students]
-            done = self.train_students(alone, data.train, test, student_seed, data, kind="paper_students")
+            done = self.train_students(alone, self.paper_train(data, seed), test, student_seed, data,
+                                       kind="paper_students")
             res["students"]["alone"] = {k: v["test_accuracy"] for k, v in done.items()}
+        elif protocol == "reference":  # the thief's own queries with their true labels: what it would not steal
+            queries = self.query_set(seed)
+            jobs = [(arch, arch, TEACHERS["base"],
+                     self.student_settings(arch, student_seed, "reference", {"queries": len(queries.labels)}))
+                    for arch in ec.students]
+            done = self.train_students(jobs, queries, test, student_seed, data, kind="query_students")
+            res["students"]["reference"] = {k: v["test_accuracy"] for k, v in done.items()}
         elif protocol == "paper":
             teacher = net(row)
             jobs = []
@@ -355,6 +387,8 @@ class Evaluation:
                 if r.white_box and (r.network, r.overrides) == (row.network, row.overrides):
                     source = {"teacher": teacher["key"], "top_k": r.top_k, "kd_temperature": self.kd_t,
                               "kd_alpha": self.kd_alpha}
+                    if self.scale.paper_size:
+                        source["paper_size"] = self.scale.paper_size
                     for arch in ec.students:
                         jobs.append(((r.name, arch), arch, kd_recipe(self.kd_t, self.kd_alpha, r.top_k),
                                      self.student_settings(arch, student_seed, "paper", source)))
@@ -363,8 +397,8 @@ class Evaluation:
             def prepare(batch, model=teacher["model"]):
                 return batch._replace(target=model(batch.x).float())
 
-            done = self.train_students(jobs, data.train, test, student_seed, data, prepare=prepare,
-                                       kind="paper_students")
+            done = self.train_students(jobs, self.paper_train(data, seed), test, student_seed, data,
+                                       prepare=prepare, kind="paper_students")
             for (name, arch), m in done.items():
                 res["students"]["paper"].setdefault(name, {})[arch] = m["test_accuracy"]
         else:
@@ -448,6 +482,11 @@ class Evaluation:
                 out[arch][name] = result
         return out
 
+    def paper_train(self, data: Dataset, seed: int) -> Split:
+        """What the paper protocol's students (and those alone) train on: the teacher's training images, or the
+        scale's class-balanced subset of them."""
+        return data.limit_train(self.scale.paper_size, seed).train
+
     def data(self, seed: int) -> Dataset:
         """The data set as the teachers of `seed` see it (their training subset)."""
         if seed not in self._data:
@@ -525,13 +564,24 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
     out = {"teachers": teachers,
            "students": {"alone": {a: cell(lambda r: r["students"]["alone"][a]) for a in students}},
            "statistics": {}}
+    if "reference" in per_seed[0]["students"]:
+        out["students"]["reference"] = {a: cell(lambda r: r["students"]["reference"][a]) for a in students}
     for p in protocols:
-        out["students"][p] = {
-            row.name: {a: {"accuracy": cell(lambda r: r["students"][p][row.name][a]),
-                           "change_from_alone": cell(lambda r: r["students"][p][row.name][a]
-                                                     - r["students"]["alone"][a])}
-                       for a in students}
-            for row in rows if row.name in per_seed[0]["students"][p]}
+        out["students"][p] = {}
+        for row in rows:
+            if row.name not in per_seed[0]["students"][p]:
+                continue
+            out["students"][p][row.name] = {}
+            for a in students:
+                c = {"accuracy": cell(lambda r: r["students"][p][row.name][a]),
+                     "change_from_alone": cell(lambda r: r["students"][p][row.name][a] - r["students"]["alone"][a])}
+                if base_name in per_seed[0]["students"][p]:  # paired: the same student seed against both teachers
+                    c["change_from_base"] = cell(lambda r: r["students"][p][row.name][a]
+                                                 - r["students"][p][base_name][a])
+                out["students"][p][row.name][a] = c
+    latency = [r.get("latency_ms") for r in per_seed if r.get("latency_ms")]
+    if latency:  # measured once, by the sequential pass of the first seed
+        out["latency_ms"] = latency[0]
     attacked = [row for row in rows if row.name in per_seed[0].get("attacks", {})]
     if attacked:
         out["attacks"], out["worst_case"], out["resistance"] = {}, {}, {}
@@ -541,6 +591,10 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
                          for name in per_seed[0]["attacks"][row.name][a]} for a in students}
             out["attacks"][row.name] = table
             out["worst_case"][row.name] = {a: _worst_over_seeds(per_seed, row.name, a) for a in students}
+            if "reference" in per_seed[0]["students"]:  # what the strongest thief gains over labelling its queries
+                for a in students:
+                    out["worst_case"][row.name][a]["minus_reference"] = cell(
+                        lambda r: _worst(r, row.name, a)["student_accuracy"] - r["students"]["reference"][a])
         if base_name in out["worst_case"]:  # what the defense takes from the strongest thief, seed by seed
             for row in attacked:
                 out["resistance"][row.name] = {a: cell(lambda r: _worst(r, base_name, a)["student_accuracy"]

@@ -35,8 +35,10 @@ def _start_worker(make, cfg: EvalConfig, devices: list[str], threads: int, count
     _WORKER = make(replace(cfg, device=devices[i % len(devices)], progress=False))
 
 
-def _run_job(seed: int, name: str) -> tuple[dict, dict]:
+def _run_job(seed: int, name: str, threads: int | None = None) -> tuple[dict, dict]:
     ev = _WORKER
+    if threads:  # a wave of fewer jobs than workers: each job takes its share of every core
+        torch.set_num_threads(threads)
     ev.trained, ev.seconds = {k: 0 for k in ev.trained}, {k: 0.0 for k in ev.seconds}
     ev.run_job(seed, name)
     return ev.trained, ev.seconds
@@ -54,7 +56,8 @@ def fan_out(ev, jobs: int) -> None:
     work directory's caches, where the sequential pass that follows reads them back."""
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked; spawn is the same on every platform
     devices = worker_devices(ev.device, ev.eval_cfg.device)
-    threads = max(1, torch.get_num_threads() // jobs) if ev.device.type == "cpu" else torch.get_num_threads()
+    cores = torch.get_num_threads()
+    threads = max(1, cores // jobs) if ev.device.type == "cpu" else cores
     waves = ev.waves()
     total, done = sum(len(w) for w in waves), 0
     print(f"evaluate: {total} jobs in {jobs} processes on {', '.join(devices)}"
@@ -63,7 +66,10 @@ def fan_out(ev, jobs: int) -> None:
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start_worker,
                              initargs=(type(ev), ev.eval_cfg, devices, threads, ctx.Value("i", 0))) as pool:
         for wave in waves:
-            futures = {pool.submit(_run_job, seed, name): (seed, name) for seed, name in wave}
+            # On the CPU, the cores are shared among the jobs that run at once: a wave of one job (the base) gets
+            # them all instead of a worker's share.
+            share = max(1, cores // min(jobs, len(wave))) if ev.device.type == "cpu" else None
+            futures = {pool.submit(_run_job, seed, name, share): (seed, name) for seed, name in wave}
             try:
                 for f in as_completed(futures):
                     trained, seconds = f.result()

@@ -12,10 +12,66 @@ FIGURES = {"responses": "fig2_responses.png", "entropy": "entropy_histograms.png
            "attacks": "attacks.png"}
 
 
-def pm(cell: dict, scale: float = 100.0, signed: bool = False) -> str:
-    """mean +- std in percent (one seed: the mean alone)."""
+def pm(cell: dict, scale: float = 100.0, signed: bool = False, mark: bool = False) -> str:
+    """mean ± the half-width of its 95% interval over seeds, in percent (one seed: the mean alone). `mark`: a
+    paired difference whose interval excludes 0 is starred."""
     mean = f"{cell['mean'] * scale:+.2f}" if signed else f"{cell['mean'] * scale:.2f}"
-    return mean if len(cell["values"]) < 2 else f"{mean} ± {cell['std'] * scale:.2f}"
+    if len(cell["values"]) < 2:
+        return mean
+    half = cell.get("ci95")
+    if half is None:  # results written before the intervals: the std
+        half = cell["std"]
+    star = "*" if mark and cell.get("significant") else ""
+    return f"{mean} ± {half * scale:.2f}{star}"
+
+
+def _seeds_note(results: dict) -> str:
+    n = len(results["settings"]["seeds"])
+    return ("one seed: no interval." if n < 2 else
+            f"± is the half-width of the 95% t interval over the {n} seeds (t with {n - 1} degrees of freedom); "
+            "a paired difference is taken seed by seed (the same student seed against both teachers), and a * "
+            "marks one whose interval excludes 0.")
+
+
+def practitioner_table(results: dict) -> list[str]:
+    """One line per defense, for choosing one: what it costs the teacher and the service, and what the strongest
+    thief of the suite still takes, against Base and against labelling the queries."""
+    if not results.get("worst_case"):
+        return []
+    s = results["settings"]
+    students = s["students"]
+    rows = [r for r in _main_rows(results) if r in results["worst_case"]]
+    latency = results.get("latency_ms", {})
+    base = next((r for r in rows if s.get("row_kinds", {}).get(r) == "teacher" and r == "base"), None)
+    ref = results["students"].get("reference", {})
+    lines = ["## At a glance: which defense, at what cost", "",
+             f"Per defense, the worst case over the {len(next(iter(results['attacks'].values()))[students[0]])} "
+             "attacks of the suite (query protocol: the thief has no labels and queries the served model with "
+             f"{s['query_size']} images the teacher never saw). {_seeds_note(results)}", ""]
+    if ref:
+        lines += ["Reference: " + ", ".join(f"a {a} trained with the true labels of the thief's queries reaches "
+                                            f"{pm(ref[a])}%" for a in students)
+                  + ". A thief that steals less than that has gained nothing over labelling its queries.", ""]
+    for a in students:
+        head = ["Defense", "Teacher acc. (%)", "Robust acc. (%)", f"Worst-case stolen {a} (%)", "by",
+                "vs Base (pts, paired)", "vs reference (pts)", "Added latency (ms/image)"]
+        lines += (["", f"Student `{a}`:", ""] if len(students) > 1 else []) + \
+            ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in rows:
+            t, w = results["teachers"][name], results["worst_case"][name][a]
+            r = results.get("resistance", {}).get(name, {}).get(a)
+            vs_base = "" if name == base or r is None else pm({**r, "mean": -r["mean"],
+                                                               "values": [-v for v in r["values"]]},
+                                                              signed=True, mark=True)
+            vs_ref = pm(w["minus_reference"], signed=True, mark=True) if "minus_reference" in w else ""
+            lat = ""
+            if name in latency and base in latency:
+                lat = f"{latency[name] - latency[base]:+.2f}" if name != base else f"{latency[name]:.2f} (itself)"
+            lines.append("| " + " | ".join([name, pm(t["accuracy"]), _robust(t), pm(w["accuracy"]),
+                                            _by(w["attacks"]), vs_base, vs_ref, lat]) + " |")
+    lines += ["", "Latency: the median of 60 single-image answers in onnxruntime behind the row's output defense, "
+              "without HTTP, minus Base's (the rows measured in turn on the same machine).", ""]
+    return lines
 
 
 def _main_rows(results: dict) -> list[str]:
@@ -44,6 +100,10 @@ def accuracy_table(results: dict, protocol: str, rows: list[str]) -> list[str]:
     alone = results["students"]["alone"]
     lines.append("| Student alone | | | | " + " | ".join(pm(alone[s]) for s in students) + " |"
                  + " |" * (len(students) + (3 * len(students) if worst else 0)))
+    ref = results["students"].get("reference") if protocol == "query" else None
+    if ref:  # the thief's queries with their true labels
+        lines.append("| Reference (queries with labels) | | | | " + " | ".join(pm(ref[s]) for s in students) + " |"
+                     + " |" * (len(students) + (3 * len(students) if worst else 0)))
     for name in rows:
         t = results["teachers"][name]
         st = results["students"][protocol].get(name)
@@ -61,7 +121,7 @@ def accuracy_table(results: dict, protocol: str, rows: list[str]) -> list[str]:
                 w = worst.get(name, {}).get(s_)
                 r = results.get("resistance", {}).get(name, {}).get(s_)
                 cells += [pm(w["accuracy"]), _by(w["attacks"])] if w else ["", ""]
-                cells.append(pm(r, signed=True) if r else "")
+                cells.append(pm(r, signed=True, mark=True) if r else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -116,13 +176,14 @@ def markdown(results: dict) -> str:
              f"alpha {s['kd_alpha']} (paper protocol); label mode `{s['label_mode']}`, "
              f"{s['query_size']} held-out queries (query protocol).",
              f"- Test set: {c['limit_test'] or 'all'} images. Seeds: {', '.join(map(str, s['seeds']))} "
-             "(mean ± sample std over seeds; "
+             f"({_seeds_note(results)} "
              + ("every seed retrains teachers and students)." if s.get("teacher_seed") is None else
                 f"the teachers trained once with seed {s['teacher_seed']}, so their std is 0 and the spread is "
                 "the students')."),
              f"- Device {s['device']}, torch {s['torch']}; this invocation took {run['wall_seconds']:.0f} s "
              f"and trained {run['trained']['teacher_epochs']} teacher and {run['trained']['student_epochs']} "
              "student epochs (0: everything came from the cache).", ""]
+    lines += practitioner_table(results)
     rows = _main_rows(results)
     for protocol, title in (("paper", "Paper protocol: KD on the teacher's training set, with labels, "
                                       "from its logits (Table 1/2 shape)"),
@@ -165,13 +226,18 @@ def figures(results: dict, out: Path) -> None:
                 ax.bar(range(len(a["probs"][i])), a["probs"][i], color="C0" if j else "C2")
                 ax.set_ylim(0, 1)
                 ax.set_xticks(range(len(a["probs"][i])))
+                if i == n - 1:  # class names under the last row only
+                    ax.set_xticklabels([c[:8] for c in ex["class_names"]], rotation=90, fontsize=5)
+                else:
+                    ax.set_xticklabels([])
                 ax.tick_params(labelsize=6)
                 ax.set_title(f"{name}\nH={a['entropy'][i]:.2f}" if i == 0 else f"H={a['entropy'][i]:.2f}",
                              fontsize=7)
             axes[i][0].set_ylabel(ex["class_names"][ex["labels"][i]], fontsize=7)
-        fig.suptitle(f"softmax(logits / {ex['temperature']:g}) for test images (rows), per teacher", fontsize=9)
+        fig.suptitle(f"What each teacher answers (softmax of its logits at T = {ex['temperature']:g}) to one test "
+                     "image per row (its true class on the left); H: entropy in nats", fontsize=9)
         fig.tight_layout()
-        fig.savefig(out / FIGURES["responses"], dpi=110)
+        fig.savefig(out / FIGURES["responses"], dpi=110, bbox_inches="tight")
         plt.close(fig)
 
     hist = results["histograms"]
@@ -182,31 +248,52 @@ def figures(results: dict, out: Path) -> None:
         ax.plot(centers, h["counts"], label=name)
     ax.set_xlabel(f"entropy of the answer at T = {results['settings']['kd_temperature']:g} (nats)")
     ax.set_ylabel("test images")
+    ax.set_title("How spread out each teacher's answers are: entropy of its answer per test image", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / FIGURES["entropy"], dpi=110)
+    fig.savefig(out / FIGURES["entropy"], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    markers = {"paper": "o", "query": "^"}
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    markers = {"paper": "o", "query": "^", "worst": "s"}
     labelled = set()  # each row named once in the legend, whichever protocol it has cells in
-    for protocol in ("paper", "query"):
-        if protocol not in results["students"]:
+    names = _main_rows(results) + [v["row"] for vs in results.get("sweeps", {}).values() for v in vs]
+
+    def half(cell):  # the 95% interval's half-width in points (0 for one seed)
+        return (cell.get("ci95") or 0.0) * 100
+
+    for protocol in ("paper", "query", "worst"):
+        cells = ({n: results["worst_case"][n] for n in names if n in results.get("worst_case", {})}
+                 if protocol == "worst" else results["students"].get(protocol))
+        if not cells:
             continue
-        for i, name in enumerate(_main_rows(results) + [v["row"] for vs in results.get("sweeps", {}).values()
-                                                         for v in vs]):
-            t = results["teachers"][name]["accuracy"]["mean"] * 100
-            for student, cell in results["students"][protocol].get(name, {}).items():
-                ax.scatter(t, cell["accuracy"]["mean"] * 100, marker=markers[protocol], color=f"C{i % 10}",
-                           label=None if name in labelled else name)
+        for i, name in enumerate(names):
+            t = results["teachers"][name]["accuracy"]
+            for student, cell in cells.get(name, {}).items():
+                a = cell["accuracy"]
+                ax.errorbar(t["mean"] * 100, a["mean"] * 100, yerr=half(a), xerr=half(t) or None,
+                            fmt=markers[protocol], color=f"C{i % 10}", ms=6, capsize=2, lw=0.8,
+                            label=None if name in labelled else name)
                 labelled.add(name)
     for student, cell in results["students"]["alone"].items():
         ax.axhline(cell["mean"] * 100, color="grey", lw=0.8, ls="--")
+    for student, cell in results["students"].get("reference", {}).items():
+        ax.axhline(cell["mean"] * 100, color="black", lw=0.8, ls=":")
     ax.set_xlabel("teacher accuracy (%)")
-    ax.set_ylabel("student accuracy (%)   [o paper, ^ query; dashed: alone]")
-    ax.legend(fontsize=6)
+    ax.set_ylabel("student accuracy (%)")
+    from matplotlib.lines import Line2D
+    keys = [Line2D([], [], marker=markers[p], ls="", color="grey", label=label) for p, label in
+            (("paper", "paper protocol (KD, labels)"), ("query", "query protocol (soft answers)"),
+             ("worst", "worst case of the attack suite"))]
+    keys += [Line2D([], [], color="grey", ls="--", label="student alone (labels)"),
+             Line2D([], [], color="black", ls=":", label="reference: the queries with labels")]
+    first = ax.legend(handles=keys, fontsize=6, loc="lower right")
+    ax.add_artist(first)
+    ax.legend(fontsize=6, loc="upper left", title="teacher", title_fontsize=6)
+    ax.set_title("What each defense costs the teacher (x) and the thief (y); bars: 95% intervals over seeds",
+                 fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / FIGURES["tradeoff"], dpi=110)
+    fig.savefig(out / FIGURES["tradeoff"], dpi=110, bbox_inches="tight")
     plt.close(fig)
     attacks_figure(results, out, plt)
 
@@ -221,22 +308,27 @@ def attacks_figure(results: dict, out: Path, plt) -> None:
     fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(rows)), 4.2))
     for i, row in enumerate(rows):
         cells = results["attacks"][row][student]
+        width = 0.7 / max(1, len(names))
         for j, name in enumerate(names):
-            y = cells[name]["accuracy"]["mean"] * 100
-            ax.scatter(i + (j - len(names) / 2) * 0.04, y, color=f"C{j % 10}", s=18, label=name if i == 0 else None)
-        worst = results["worst_case"][row][student]
-        j = names.index(worst["attacks"][0]) if worst["attacks"][0] in names else 0
-        ax.scatter(i + (j - len(names) / 2) * 0.04, cells[names[j]]["accuracy"]["mean"] * 100, s=160,
-                   facecolors="none", edgecolors="black", linewidths=1.2, label="worst case" if i == 0 else None)
-    ax.axhline(results["students"]["alone"][student]["mean"] * 100, color="grey", lw=0.8, ls="--")
+            a = cells[name]["accuracy"]
+            ax.errorbar(i + (j - (len(names) - 1) / 2) * width, a["mean"] * 100, yerr=(a.get("ci95") or 0) * 100,
+                        fmt="o", color=f"C{j % 10}", ms=4, capsize=1.5, lw=0.7, label=name if i == 0 else None)
+        top = max(names, key=lambda n: cells[n]["accuracy"]["mean"])
+        j = names.index(top)
+        ax.scatter(i + (j - (len(names) - 1) / 2) * width, cells[top]["accuracy"]["mean"] * 100, s=140,
+                   facecolors="none", edgecolors="black", linewidths=1.2, label="highest mean" if i == 0 else None)
+    ax.axhline(results["students"]["alone"][student]["mean"] * 100, color="grey", lw=0.8, ls="--",
+               label="student alone (labels)")
+    if "reference" in results["students"]:
+        ax.axhline(results["students"]["reference"][student]["mean"] * 100, color="black", lw=0.8, ls=":",
+                   label="reference: queries with labels")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(rows, fontsize=7, rotation=20)
     ax.set_ylabel(f"{student} student accuracy (%)")
-    ax.set_title("each attack's student per teacher; ringed: the worst case (first seed); dashed: student alone",
-                 fontsize=8)
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("How much each attack steals from each defense (bars: 95% intervals over seeds)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(out / FIGURES["attacks"], dpi=110)
+    fig.savefig(out / FIGURES["attacks"], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -71,6 +71,11 @@ class Config:
     precision: str = _f("fp32", "training arithmetic: fp32, or bf16 autocast (the CPU's AVX-512 BF16 or a GPU's)",
                         choices=("fp32", "bf16"))
     channels_last: bool = _f(False, "train in the channels_last memory format (faster convolutions on CPU and GPU)")
+    test_every: int = _f(1, "score the test set every N epochs and after the last (0: after the last only)")
+    robust_images: int | None = _f(None, "measure the card's robust accuracy on a class-balanced subset of this many "
+                                         "test images (default: all)")
+    init_from_base: bool = _f(False, "start the defended teacher from the base model's weights (a fine-tuning, for "
+                                     "reduced-cost scales) instead of a fresh initialisation")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -149,6 +154,9 @@ def validate(cfg: Config) -> None:
         (cfg.pgd_eps >= 0 and cfg.pgd_step >= 0 and cfg.pgd_steps >= 0, "PGD settings must be >= 0"),
         (cfg.limit_train is None or cfg.limit_train >= 1, f"--limit-train must be positive, got {cfg.limit_train}"),
         (cfg.limit_test is None or cfg.limit_test >= 1, f"--limit-test must be positive, got {cfg.limit_test}"),
+        (cfg.test_every >= 0, f"--test-every must be >= 0, got {cfg.test_every}"),
+        (cfg.robust_images is None or cfg.robust_images >= 1,
+         f"--robust-images must be positive, got {cfg.robust_images}"),
     ]
     for ok, message in checks:
         if not ok:

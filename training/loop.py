@@ -36,7 +36,8 @@ def _record(m: Member, epoch: int, epochs: int, row: dict, progress: bool) -> No
                  "history": m.history, "meta": m.meta, "recipe": m.recipe.name}, m.out_dir / "checkpoint.pt")
     if progress:
         tqdm.write(f"{m.recipe.name} epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} "
-                   f"test acc {row['test_accuracy']:.4f} ({row['seconds']:.1f}s)")
+                   + (f"test acc {row['test_accuracy']:.4f} " if row["test_accuracy"] is not None else "")
+                   + f"({row['seconds']:.1f}s)")
     if m.on_epoch_end is not None:
         m.on_epoch_end(epoch, row)
 
@@ -208,11 +209,14 @@ def fit_group(members: list[Member], train: Split, test: Split, *, epochs: int, 
         for m in active:
             totals = distributed.sum_all(torch.stack([torch.as_tensor(v, device=device, dtype=torch.float64)
                                                       for v in [m.correct, *m.sums.values()]]))
+            every = m.ctx.cfg.test_every
+            scored = epoch + 1 == epochs or (every > 0 and (epoch + 1) % every == 0)
             row = {"epoch": epoch + 1, "lr": lr_at(m.ctx.cfg, epoch, epochs),
                    **{k: float(v) / n for k, v in zip(m.sums, totals[1:])},
                    "train_accuracy": float(totals[0]) / n,
+                   # None on the epochs --test-every skips (the last is always scored)
                    "test_accuracy": accuracy(m.model, test.images, test.labels, device, m.ctx.cfg.eval_batch_size,
-                                             sharded=True),
+                                             sharded=True) if scored else None,
                    "skipped_steps": m.skipped, "seconds": seconds}
             m.history.append(row)
             distributed.main_only(_record, m, epoch, epochs, row, progress)

@@ -59,15 +59,21 @@ def state_hash(model: nn.Module) -> str:
 
 def adversarial_set(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PGDConfig, *,
                     cache_dir: str | Path | None, batch_size: int = 256, device: torch.device | str = "cpu",
-                    progress: bool = True) -> torch.Tensor:
+                    progress: bool = True, precision: str = "fp32") -> torch.Tensor:
     """PGD images for every training image, in the same order, as float16 [0,1] on the CPU.
 
     Cached on disk keyed by the model's weights, the images and the PGD settings. float16 keeps 11 bits in
-    [0,1], finer than the 8 bits of the source pixels, at half the memory of float32. In a distributed run
+    [0,1], finer than the 8 bits of the source pixels, at half the memory of float32. `precision` bf16 runs the
+    model's forward and backward passes under bf16 autocast (the sign step only needs the gradient's sign); the
+    images stay float32 and the set is cached apart from an fp32 one. In a distributed run
     (training.distributed) each rank attacks its share of the batches, every rank gets the whole set, and rank 0
     writes the cache; the batches, and so the images, are the ones a single process makes.
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
+    if precision != "fp32":  # fp32 sets keep the keys they were cached under
+        key.update(precision.encode())
     key.update(state_hash(model).encode())
     key.update(hashlib.sha256(images.numpy().tobytes()).digest())
     key.update(hashlib.sha256(labels.numpy().tobytes()).digest())
@@ -77,14 +83,16 @@ def adversarial_set(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         # Every rank must agree, or those that read the cache leave the others alone in the attack's collectives.
         if path is not None and distributed.sum_all(torch.tensor(int(path.exists()))) == distributed.world_size():
             return torch.load(path)
-        adv = _attack_all(model, images, labels, cfg, batch_size, device, progress)
+        adv = _attack_all(model, images, labels, cfg, batch_size, device, progress, precision)
         if path is not None:
             distributed.main_only(save_atomic, adv, path)
     return adv
 
 
-def _attack_all(model, images, labels, cfg: PGDConfig, batch_size: int, device, progress: bool) -> torch.Tensor:
+def _attack_all(model, images, labels, cfg: PGDConfig, batch_size: int, device, progress: bool,
+                precision: str = "fp32") -> torch.Tensor:
     model.eval()
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
     g = torch.Generator().manual_seed(cfg.seed)
     starts = range(0, len(images), batch_size)
     mine = starts[distributed.shard(len(starts))]  # whole batches, so each is the one a single process attacks
@@ -95,7 +103,9 @@ def _attack_all(model, images, labels, cfg: PGDConfig, batch_size: int, device, 
                 torch.rand(images[i:i + batch_size].shape, generator=g)
             continue
         x, y = to_float(images[i:i + batch_size]).to(device), labels[i:i + batch_size].to(device)
-        out.append(pgd_linf(model, x, y, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
-                            random_start=cfg.random_start, generator=g).half().cpu())  # the set waits on the CPU
+        with autocast:  # the model's passes only: the step itself and the set stay float32 / float16
+            x_adv = pgd_linf(model, x, y, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
+                             random_start=cfg.random_start, generator=g)
+        out.append(x_adv.float().half().cpu())  # the set waits on the CPU
     adv = torch.cat(out) if out else torch.zeros((0, *images.shape[1:]), dtype=torch.float16)
     return distributed.cat_ranks(adv)

@@ -52,8 +52,10 @@ def robust_accuracy(model: nn.Module, test: Split, setting: RobustSetting, devic
     return hits / len(test.labels)
 
 
-def robustness(model: nn.Module, data: Dataset, device, *, seed: int = 0) -> dict:
-    """What the model card records: the accuracy and the attack it was measured under."""
+def robustness(model: nn.Module, data: Dataset, device, *, seed: int = 0, images: int | None = None) -> dict:
+    """What the model card records: the accuracy and the attack it was measured under, on the whole test split or
+    on a class-balanced subset of `images` of it (the same subset for every model)."""
     name, setting = robust_setting(data)
-    acc = robust_accuracy(model, data.test, setting, device, seed=seed)
-    return {"accuracy": acc, **asdict(setting), "setting": name, "images": len(data.test.labels)}
+    test = data.limit_test(images).test if images else data.test
+    acc = robust_accuracy(model, test, setting, device, seed=seed)
+    return {"accuracy": acc, **asdict(setting), "setting": name, "images": len(test.labels)}

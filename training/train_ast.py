@@ -48,6 +48,9 @@ def stage_settings(cfg: Config, teacher: str, epochs: int, top_k: int) -> dict:
     settings = {**{k: d[k] for k in BASE_FIELDS + TEACHERS[teacher].params}, "teacher": teacher, "epochs": epochs}
     if TEACHERS[teacher].needs_base:  # trained against the base model: depends on how long that trained
         settings["base_epochs"] = cfg.base_epochs or cfg.epochs
+    if cfg.init_from_base and teacher != "base":  # only when set: the runs cached before the option keep their key
+        settings["init_from_base"] = True
+        settings["base_epochs"] = cfg.base_epochs or cfg.epochs
     return settings
 
 
@@ -92,7 +95,7 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
             print(f"[{teacher}] reusing the finished run in {out_dir} (test accuracy {metrics['test_accuracy']:.4f})",
               file=sys.stderr)
         if "robustness" not in metrics:  # a run finished before robustness was measured
-            metrics["robustness"] = robustness(model, data, device, seed=cfg.seed)
+            metrics["robustness"] = robustness(model, data, device, seed=cfg.seed, images=cfg.robust_images)
             distributed.main_only(metrics_path.write_text, json.dumps(metrics, indent=2) + "\n")
         return model.eval(), metrics
     if ckpt_path.exists():
@@ -107,7 +110,11 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
     shadow = None
     if TEACHERS[teacher].needs_shadow:  # InI's thief stand-in: the architecture, randomly initialised, frozen
         shadow = build_model(replace(cfg, seed=cfg.seed + 1), data, device).eval()
-    ctx = Context(cfg, top_k, base, shadow)
+    if cfg.init_from_base and teacher != "base":
+        if base is None:
+            raise ValueError("--init-from-base needs the base model; it is trained first by the pipeline")
+        model.load_state_dict(base.state_dict())  # InI's shadow stays a fresh initialisation
+    ctx = Context(cfg, top_k, base if TEACHERS[teacher].needs_base else None, shadow)
     history = fit(model, TEACHERS[teacher], ctx, data.train, data.test, out_dir, epochs=epochs, device=device,
                   pair=pair, resume=resume, progress=progress, meta=settings, on_epoch_end=on_epoch_end)
     metrics = {"teacher": teacher, "test_accuracy": history[-1]["test_accuracy"],
@@ -115,7 +122,7 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
                "skipped_steps": sum(r["skipped_steps"] for r in history),
                "train_seconds": round(sum(r["seconds"] for r in history), 2),
                "wall_seconds_this_run": round(time.time() - t0, 2), "settings": settings}
-    metrics["robustness"] = robustness(model, data, device, seed=cfg.seed)
+    metrics["robustness"] = robustness(model, data, device, seed=cfg.seed, images=cfg.robust_images)
     distributed.main_only(metrics_path.write_text, json.dumps(metrics, indent=2) + "\n")
     return model.eval(), metrics
 
@@ -213,7 +220,8 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
         pgd = PGDConfig(cfg.pgd_eps, cfg.pgd_step, cfg.pgd_steps, cfg.pgd_random_start, cfg.seed)
         t1 = time.time()
         pair = adversarial_set(base, data.train.images, data.train.labels, pgd, cache_dir=cache_dir / "adversarial",
-                               batch_size=cfg.eval_batch_size, device=dev, progress=progress)
+                               batch_size=cfg.eval_batch_size, device=dev, progress=progress,
+                               precision=cfg.precision)
         adv_acc = accuracy(base, pair, data.train.labels, dev, cfg.eval_batch_size, sharded=True)
         summary["pgd"] = {"base_accuracy_on_adversarial_train": adv_acc, "seconds": round(time.time() - t1, 2),
                           "max_linf": float((pair.float() - data.train.images.float() / 255).abs().max())}
@@ -224,7 +232,8 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
         else:
             checkpoint = out / "checkpoint.pt"
             model, metrics = train_stage(cfg.teacher, cfg, data, out, dev, epochs=cfg.epochs, top_k=top_k,
-                                         base=base if recipe.needs_base else None, pair=pair, resume=resume,
+                                         base=base if recipe.needs_base or cfg.init_from_base else None, pair=pair,
+                                         resume=resume,
                                          overwrite=overwrite, progress=progress, on_epoch_end=hook(cfg.teacher))
 
         def finish() -> dict:  # rank 0 exports and reports

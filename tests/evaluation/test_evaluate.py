@@ -62,6 +62,20 @@ def test_results_json_has_every_cell_of_the_tables(smoke):
     assert r["sweeps"] == {"alpha": [{"value": 0.2, "row": "ast alpha=0.2"}]}
     assert set(r["examples"]["answers"]) == {"base", "base on its PGD image", "ast", "nt", "stt", "ini", "ltd"}
     assert r["run"]["trained"]["teacher_epochs"] > 0 and r["run"]["trained"]["student_epochs"] > 0
+    # Beside every row: a student of the thief's architecture trained with the true labels of the thief's queries,
+    # what the strongest thief gains over it, and the row's serving latency.
+    for s in students:
+        assert 0 < r["students"]["reference"][s]["mean"] <= 1
+        for name in TEACHERS:
+            gain = r["worst_case"][name][s]["minus_reference"]
+            assert gain["mean"] == pytest.approx(r["worst_case"][name][s]["accuracy"]["mean"]
+                                                 - r["students"]["reference"][s]["mean"])
+    assert set(r["latency_ms"]) == set(TEACHERS) and all(v > 0 for v in r["latency_ms"].values())
+    # Paired differences against Base, seed by seed: Base's own is 0 exactly.
+    assert r["students"]["query"]["base"]["cnn5"]["change_from_base"]["values"] == [0.0]
+    assert r["students"]["paper"]["ast"]["cnn5"]["change_from_base"]["mean"] == pytest.approx(
+        r["students"]["paper"]["ast"]["cnn5"]["accuracy"]["mean"] - r["students"]["paper"]["base"]["cnn5"]["accuracy"]
+        ["mean"])
 
 
 def test_report_has_the_tables_and_figures(smoke):
@@ -69,7 +83,13 @@ def test_report_has_the_tables_and_figures(smoke):
     md = (root / "results" / "results.md").read_text()
     for heading in ("Paper protocol", "Query protocol", "Table 3 shape", "Ablation: AST alpha"):
         assert heading in md
-    assert "| Student alone |" in md and "| st |" in md
+    assert "| Student alone |" in md and "| st |" in md and "| Reference (queries with labels) |" in md
+    # The table a practitioner acts on comes first: every defense, its worst case, its latency.
+    glance = md.split("## At a glance: which defense, at what cost")[1].split("## ")[0]
+    assert md.index("## At a glance") < md.index("## Paper protocol")
+    for name in TEACHERS:
+        assert f"| {name} |" in glance
+    assert "Worst-case stolen cnn5 (%)" in glance and "Added latency (ms/image)" in glance
     for png in ("fig2_responses.png", "entropy_histograms.png", "tradeoff.png"):
         assert (root / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -172,6 +192,10 @@ def test_every_row_is_attacked_by_the_whole_suite_and_judged_by_its_worst_case(s
     (["--teachers", "base,round", "--protocols", "paper"], "round is a serving-time defense"),
     (["--teachers", "base,none"], "unknown teacher 'none'"),
     (["--attacks", "soft,bogus"], "unknown attack 'bogus'"),
+    (["--teachers", "base,nt:alpha=0.1"], "nt's hyperparameters are nt_weight"),
+    (["--teachers", "base,bogus:alpha=0.1"], "unknown teacher 'bogus'"),
+    (["--teachers", "base,nt:nt_weight=much"], "cannot read 'much'"),
+    (["--teachers", "base,nt:"], "names at least one FIELD=VALUE"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     code = main(["--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), *args])
@@ -192,6 +216,20 @@ def test_the_recorded_command_never_holds_the_api_key():
         ["--url", "http://x", "--api-key", "***", "--api-key=***"]
 
 
+def test_a_recipe_variant_is_a_row_of_its_own_with_its_own_network(tmp_path):
+    argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base,nt,nt:nt_weight=0.04", "--students", "cnn5",
+            "--protocols", "paper", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--no-progress"]
+    assert main(argv) == 0
+    r = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert r["settings"]["teachers"] == ["base", "nt", "nt nt_weight=0.04"]
+    nets = sorted(d.name.split("-")[0] for d in (tmp_path / "w" / "teachers").iterdir() if d.is_dir())
+    assert nets == ["base", "nt", "nt"]  # two Nasty Teachers: the preset's w (0.004 on digits) and 0.04
+    cards = [json.loads(p.read_text())["teacher"]["hyperparameters"]["nt_weight"]
+             for p in (tmp_path / "w" / "teachers").glob("nt-*/model.json")]
+    assert sorted(cards) == [0.004, 0.04]
+    assert "| nt nt_weight=0.04 |" in (tmp_path / "r" / "results.md").read_text()
+
+
 def test_teachers_trained_once_serve_every_student_seed(tmp_path):
     argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base,st", "--seeds", "2", "--teacher-seed", "0",
             "--protocols", "paper", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--no-progress"]
@@ -200,6 +238,12 @@ def test_teachers_trained_once_serve_every_student_seed(tmp_path):
     assert r["teachers"]["base"]["accuracy"]["std"] == 0.0  # one teacher ...
     assert len(set(r["students"]["paper"]["base"]["cnn5"]["accuracy"]["values"])) == 2  # ... two student seeds
     assert r["run"]["trained"]["teacher_epochs"] == 4  # the base, once
+    # Two seeds: each cell carries its 95% t interval, and the report prints it.
+    cell = r["students"]["paper"]["st"]["cnn5"]
+    assert cell["accuracy"]["ci95"] == pytest.approx(12.7062 * cell["accuracy"]["std"] / math.sqrt(2))
+    assert cell["change_from_base"]["values"] == pytest.approx(
+        [a - b for a, b in zip(cell["accuracy"]["values"], r["students"]["paper"]["base"]["cnn5"]["accuracy"]["values"])])
+    assert "95% t interval over the 2 seeds" in (tmp_path / "r" / "results.md").read_text()
 
 
 def _waiting_on(path: Path) -> bool:

@@ -1,0 +1,79 @@
+"""The options a reduced-cost scale uses (evaluation's `cpu-full`), through real tiny runs on digits: test scoring
+only after the last epoch, robust accuracy on a subset, a teacher fine-tuned from the base, PGD under bf16."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training.config import make_config, validate
+from training.pgd import PGDConfig, adversarial_set
+from training.train_ast import run, stage_settings
+
+
+def _log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_test_every_scores_the_test_set_only_when_due_and_always_after_the_last_epoch(tmp_path):
+    run(make_config("digits", teacher="base", epochs=5, test_every=2), tmp_path / "r", device="cpu", progress=False,
+        export=False)
+    rows = _log(tmp_path / "r" / "base" / "log.jsonl")
+    assert [r["test_accuracy"] is not None for r in rows] == [False, True, False, True, True]
+    run(make_config("digits", teacher="base", epochs=3, test_every=0), tmp_path / "last", device="cpu",
+        progress=False, export=False)
+    rows = _log(tmp_path / "last" / "base" / "log.jsonl")
+    assert [r["test_accuracy"] is not None for r in rows] == [False, False, True]
+    assert 0.5 < rows[-1]["test_accuracy"] <= 1
+
+
+def test_robust_accuracy_on_a_subset_is_recorded_with_its_size(tmp_path):
+    summary = run(make_config("digits", teacher="base", epochs=2, robust_images=50), tmp_path / "r", device="cpu",
+                  progress=False)
+    card = json.loads((tmp_path / "r" / "base" / "model.json").read_text())
+    assert card["robustness"]["images"] == 50 and 0 <= summary["robust_accuracy"] <= 1
+
+
+def test_init_from_base_starts_the_teacher_from_the_base_weights(tmp_path):
+    # With a learning rate too small to move anything, a teacher started from the base ends as the base; started
+    # fresh, it ends near chance.
+    common = dict(teacher="stt", epochs=3, base_epochs=3)
+    base = run(make_config("digits", **common), tmp_path / "fresh", device="cpu", progress=False, export=False)
+    tuned_cfg = make_config("digits", **common, init_from_base=True)
+    stage = stage_settings(tuned_cfg, "stt", 3, 2)
+    assert stage["init_from_base"] is True and stage["base_epochs"] == 3
+    assert "init_from_base" not in stage_settings(make_config("digits", **common), "stt", 3, 2)  # old keys kept
+    frozen = run(tuned_cfg, tmp_path / "tuned", device="cpu", progress=False, export=False,
+                 base_dir=tmp_path / "fresh" / "base")  # the same base, reused
+    assert frozen["base"]["test_accuracy"] == base["base"]["test_accuracy"]
+    # One real epoch of fine-tuning keeps the base's accuracy far better than one epoch from scratch.
+    one = dict(teacher="stt", epochs=1, base_epochs=3)
+    tuned = run(make_config("digits", **one, init_from_base=True), tmp_path / "t1", device="cpu", progress=False,
+                export=False, base_dir=tmp_path / "fresh" / "base")
+    scratch = run(make_config("digits", **one), tmp_path / "s1", device="cpu", progress=False, export=False,
+                  base_dir=tmp_path / "fresh" / "base")
+    assert tuned["test_accuracy"] > scratch["test_accuracy"] + 0.1, (tuned["test_accuracy"], scratch["test_accuracy"])
+    assert tuned["test_accuracy"] >= base["base"]["test_accuracy"] - 0.05
+
+
+def test_bad_reduced_options_name_the_option():
+    for field, value, message in (("test_every", -1, "--test-every"), ("robust_images", 0, "--robust-images")):
+        with pytest.raises(ValueError, match=message):
+            validate(make_config("digits", **{field: value}))
+
+
+def test_pgd_under_bf16_stays_in_the_ball_and_is_cached_apart(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).eval()
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,))
+    cfg = PGDConfig(eps=0.1, step=0.05, steps=3)
+    fp32 = adversarial_set(model, images, labels, cfg, cache_dir=tmp_path, progress=False)
+    bf16 = adversarial_set(model, images, labels, cfg, cache_dir=tmp_path, progress=False, precision="bf16")
+    assert len(list(tmp_path.glob("adv-*.pt"))) == 2  # two sets, two cache files
+    for adv in (fp32, bf16):
+        assert (adv.float() - images.float() / 255).abs().max() <= 0.1 + 1e-3
+    assert (fp32 != bf16).any()  # the bf16 gradients are not the fp32 ones
+    with pytest.raises(ValueError, match="precision"):
+        adversarial_set(model, images, labels, cfg, cache_dir=None, progress=False, precision="fp16")
