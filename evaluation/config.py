@@ -221,6 +221,7 @@ def parse_variant(text: str) -> tuple[str, tuple]:
     """`nt:nt_weight=0.004` -> ("nt", (("nt_weight", 0.004),)): a teacher recipe with some of its own
     hyperparameters changed (several: `ast:alpha=0.1:temperature=4`)."""
     recipe, *assignments = text.split(":")
+    assignments = [a for a in assignments if a.strip()]
     if recipe not in teacher_rows():
         raise ValueError(f"unknown teacher {recipe!r} in {text!r}; a variant is RECIPE:FIELD=VALUE with RECIPE one "
                          f"of {', '.join(teacher_rows())}")
@@ -258,6 +259,10 @@ def build_rows(teachers: list[str], sweeps: list[tuple[str, tuple]], top_k: int)
             # A preset's explicit top_k would override the ratio being swept.
             overrides = ((name, v), ("top_k", None)) if name == "sparse_ratio" else ((name, v),)
             rows.append(Row(f"ast {name}={v}", "ast", overrides, sweep=(name, v)))
+    names = [r.name for r in rows]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"the row {twice[0]!r} is asked for twice (--teachers and --sweep name the same teacher)")
     return rows
 
 

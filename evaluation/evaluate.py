@@ -156,10 +156,11 @@ class Evaluation:
     def teacher_cfg(self, row: Row, seed: int) -> Config:
         """The row's network's training: the scale and preset, the scale's reduction of its recipe (which keeps the
         shared base as it is), then the row's own overrides."""
-        reduced = dict(self.scale.recipes.get(row.network, {}))
+        given = dict(self.eval_cfg.set)  # --set beats the scale, its reductions included
+        reduced = {k: v for k, v in self.scale.recipes.get(row.network, {}).items() if k not in given}
         if reduced and self.cfg.base_epochs is None:
             reduced["base_epochs"] = self.cfg.epochs
-        return replace(self.cfg, seed=seed, teacher=row.network, **reduced, **dict(row.overrides))
+        return replace(self.cfg, seed=seed, teacher=row.network, **{**reduced, **dict(row.overrides)})
 
     def student_cfg(self, arch: str, seed: int) -> Config:
         return replace(self.cfg, seed=seed, arch=arch, epochs=self.student_epochs, base_epochs=None,
@@ -318,8 +319,8 @@ class Evaluation:
             return answers
         res = {"teachers": {}, "statistics": {}, "students": {p: {} for p in PROTOCOLS}, "histograms": {},
                "attacks": {}, "robust": {}, "latency_ms": {}}
-        if only is None:
-            self.teacher_cells(res, data.test, net, served)
+        if only is None:  # the latencies once, in the first seed's pass
+            self.teacher_cells(res, data.test, net, served, latency=student_seed == self.eval_cfg.seeds[0])
         for name, protocol, row in self.groups():
             if only is None or name == only:
                 self.train_group(res, protocol, row, student_seed, seed, data, net, served)
@@ -327,7 +328,7 @@ class Evaluation:
             res["examples"] = self.examples(networks, data)
         return res
 
-    def teacher_cells(self, res: dict, test: Split, net, served) -> None:
+    def teacher_cells(self, res: dict, test: Split, net, served, latency: bool = True) -> None:
         for row in self.rows:
             if row.network == ENDPOINT:  # probabilities only: softmax(log p / T) is the teacher at T
                 answers = served()["test"]
@@ -346,7 +347,7 @@ class Evaluation:
             res["robust"][row.name] = card.robustness.get("accuracy") if card else net(row)["robust_accuracy"]
             res["statistics"][row.name] = answer_statistics(probs, test.labels)
             res["histograms"][row.name] = entropy_histogram(probs)
-        if "query" in self.eval_cfg.protocols:
+        if latency and "query" in self.eval_cfg.protocols:
             res["latency_ms"] = self.latencies(net, test.images)
 
     def latencies(self, net, images: torch.Tensor, calls: int = 60) -> dict[str, float]:
@@ -579,9 +580,8 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
                     c["change_from_base"] = cell(lambda r: r["students"][p][row.name][a]
                                                  - r["students"][p][base_name][a])
                 out["students"][p][row.name][a] = c
-    latency = [r.get("latency_ms") for r in per_seed if r.get("latency_ms")]
-    if latency:  # measured once, by the sequential pass of the first seed
-        out["latency_ms"] = latency[0]
+    if per_seed[0].get("latency_ms"):  # measured once, by the sequential pass of the first seed
+        out["latency_ms"] = per_seed[0]["latency_ms"]
     attacked = [row for row in rows if row.name in per_seed[0].get("attacks", {})]
     if attacked:
         out["attacks"], out["worst_case"], out["resistance"] = {}, {}, {}

@@ -177,9 +177,9 @@ def markdown(results: dict) -> str:
              f"{s['query_size']} held-out queries (query protocol).",
              f"- Test set: {c['limit_test'] or 'all'} images. Seeds: {', '.join(map(str, s['seeds']))} "
              f"({_seeds_note(results)} "
-             + ("every seed retrains teachers and students)." if s.get("teacher_seed") is None else
-                f"the teachers trained once with seed {s['teacher_seed']}, so their std is 0 and the spread is "
-                "the students')."),
+             + ("Every seed retrains teachers and students.)" if s.get("teacher_seed") is None else
+                f"The teachers trained once with seed {s['teacher_seed']}, so their interval is 0 and the spread is "
+                "the students'.)"),
              f"- Device {s['device']}, torch {s['torch']}; this invocation took {run['wall_seconds']:.0f} s "
              f"and trained {run['trained']['teacher_epochs']} teacher and {run['trained']['student_epochs']} "
              "student epochs (0: everything came from the cache).", ""]
@@ -226,11 +226,11 @@ def figures(results: dict, out: Path) -> None:
                 ax.bar(range(len(a["probs"][i])), a["probs"][i], color="C0" if j else "C2")
                 ax.set_ylim(0, 1)
                 ax.set_xticks(range(len(a["probs"][i])))
+                ax.tick_params(labelsize=6)
                 if i == n - 1:  # class names under the last row only
                     ax.set_xticklabels([c[:8] for c in ex["class_names"]], rotation=90, fontsize=5)
                 else:
                     ax.set_xticklabels([])
-                ax.tick_params(labelsize=6)
                 ax.set_title(f"{name}\nH={a['entropy'][i]:.2f}" if i == 0 else f"H={a['entropy'][i]:.2f}",
                              fontsize=7)
             axes[i][0].set_ylabel(ex["class_names"][ex["labels"][i]], fontsize=7)

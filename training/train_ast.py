@@ -94,7 +94,10 @@ def train_stage(teacher: str, cfg: Config, data: Dataset, out_dir: Path, device,
         if distributed.is_main():
             print(f"[{teacher}] reusing the finished run in {out_dir} (test accuracy {metrics['test_accuracy']:.4f})",
               file=sys.stderr)
-        if "robustness" not in metrics:  # a run finished before robustness was measured
+        # Measured again for a run finished before robustness was measured, or on another number of test images
+        # than asked for now (robust_images is not part of the stage's key: it changes no weights).
+        images = len(data.limit_test(cfg.robust_images).test.labels) if cfg.robust_images else len(data.test.labels)
+        if metrics.get("robustness", {}).get("images") != images:
             metrics["robustness"] = robustness(model, data, device, seed=cfg.seed, images=cfg.robust_images)
             distributed.main_only(metrics_path.write_text, json.dumps(metrics, indent=2) + "\n")
         return model.eval(), metrics

@@ -230,6 +230,34 @@ def test_a_recipe_variant_is_a_row_of_its_own_with_its_own_network(tmp_path):
     assert "| nt nt_weight=0.04 |" in (tmp_path / "r" / "results.md").read_text()
 
 
+def test_a_scales_recipe_reductions_yield_to_set_and_to_a_variant(tmp_path, monkeypatch):
+    from evaluation import config, evaluate
+    from evaluation.config import Scale
+    scale = Scale("reduced ltd", dict(epochs=4, limit_train=600, limit_test=300),
+                  recipes={"ltd": dict(epochs=1, ltd_steps=3, init_from_base=True)}, query_size=300)
+    monkeypatch.setitem(config.SCALES, "reduced", scale)
+    monkeypatch.setitem(evaluate.SCALES, "reduced", scale)
+
+    def cfg(teachers, *sets):
+        ev = evaluate.Evaluation(config.EvalConfig(out=tmp_path / "r", dataset="digits", scale="reduced",
+                                                   work_dir=tmp_path / "w", teachers=teachers.split(","),
+                                                   set=[config.parse_set(a) for a in sets]))
+        return {r.name: ev.teacher_cfg(r, 0) for r in ev.rows}
+
+    plain = cfg("base,ltd,ltd:ltd_steps=7")
+    assert (plain["ltd"].epochs, plain["ltd"].ltd_steps, plain["ltd"].init_from_base) == (1, 3, True)
+    assert plain["ltd"].base_epochs == 4 and plain["base"].epochs == 4  # the shared base keeps its epochs
+    assert plain["ltd ltd_steps=7"].ltd_steps == 7 and plain["ltd ltd_steps=7"].epochs == 1  # the variant wins
+    given = cfg("base,ltd", "epochs=6", "init_from_base=false")
+    assert (given["ltd"].epochs, given["ltd"].init_from_base, given["ltd"].ltd_steps) == (6, False, 3)
+
+
+def test_a_row_asked_for_twice_is_an_error(tmp_path, capsys):
+    code = main(["--teachers", "base,ast:alpha=0.2", "--sweep", "alpha=0.2", "--out", str(tmp_path / "r"),
+                 "--work-dir", str(tmp_path / "w")])
+    assert code == 2 and "asked for twice" in capsys.readouterr().err
+
+
 def test_teachers_trained_once_serve_every_student_seed(tmp_path):
     argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base,st", "--seeds", "2", "--teacher-seed", "0",
             "--protocols", "paper", "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--no-progress"]

@@ -35,26 +35,39 @@ def test_robust_accuracy_on_a_subset_is_recorded_with_its_size(tmp_path):
     assert card["robustness"]["images"] == 50 and 0 <= summary["robust_accuracy"] <= 1
 
 
-def test_init_from_base_starts_the_teacher_from_the_base_weights(tmp_path):
-    # With a learning rate too small to move anything, a teacher started from the base ends as the base; started
-    # fresh, it ends near chance.
-    common = dict(teacher="stt", epochs=3, base_epochs=3)
-    base = run(make_config("digits", **common), tmp_path / "fresh", device="cpu", progress=False, export=False)
-    tuned_cfg = make_config("digits", **common, init_from_base=True)
-    stage = stage_settings(tuned_cfg, "stt", 3, 2)
-    assert stage["init_from_base"] is True and stage["base_epochs"] == 3
-    assert "init_from_base" not in stage_settings(make_config("digits", **common), "stt", 3, 2)  # old keys kept
-    frozen = run(tuned_cfg, tmp_path / "tuned", device="cpu", progress=False, export=False,
-                 base_dir=tmp_path / "fresh" / "base")  # the same base, reused
-    assert frozen["base"]["test_accuracy"] == base["base"]["test_accuracy"]
-    # One real epoch of fine-tuning keeps the base's accuracy far better than one epoch from scratch.
+def test_init_from_base_starts_the_teacher_from_the_base_weights(tmp_path, monkeypatch):
+    import training.train_ast as train_ast
+    started = {}
+    real_fit = train_ast.fit
+
+    def fit(model, recipe, *args, **kwargs):  # the weights the teacher's first step starts from
+        started[recipe.name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return real_fit(model, recipe, *args, **kwargs)
+
+    monkeypatch.setattr(train_ast, "fit", fit)
     one = dict(teacher="stt", epochs=1, base_epochs=3)
-    tuned = run(make_config("digits", **one, init_from_base=True), tmp_path / "t1", device="cpu", progress=False,
-                export=False, base_dir=tmp_path / "fresh" / "base")
+    tuned_cfg = make_config("digits", **one, init_from_base=True)
+    stage = stage_settings(tuned_cfg, "stt", 1, 2)
+    assert stage["init_from_base"] is True and stage["base_epochs"] == 3
+    assert "init_from_base" not in stage_settings(make_config("digits", **one), "stt", 1, 2)  # old keys kept
+    tuned = run(tuned_cfg, tmp_path / "t1", device="cpu", progress=False, export=False)
+    base_weights = torch.load(tmp_path / "t1" / "base" / "checkpoint.pt", weights_only=False)["model"]
+    assert started["stt"].keys() == base_weights.keys()
+    assert all(torch.equal(started["stt"][k], base_weights[k]) for k in base_weights)
     scratch = run(make_config("digits", **one), tmp_path / "s1", device="cpu", progress=False, export=False,
-                  base_dir=tmp_path / "fresh" / "base")
+                  base_dir=tmp_path / "t1" / "base")  # the same base, reused
+    assert not all(torch.equal(started["stt"][k], base_weights[k]) for k in base_weights)  # a fresh start
+    # One epoch from the base keeps most of its accuracy; one from scratch is far behind.
     assert tuned["test_accuracy"] > scratch["test_accuracy"] + 0.1, (tuned["test_accuracy"], scratch["test_accuracy"])
-    assert tuned["test_accuracy"] >= base["base"]["test_accuracy"] - 0.05
+
+
+def test_a_finished_run_measures_robustness_again_on_another_number_of_images(tmp_path):
+    run(make_config("digits", teacher="base", epochs=2, robust_images=50), tmp_path / "r", device="cpu",
+        progress=False)
+    again = run(make_config("digits", teacher="base", epochs=2, robust_images=80), tmp_path / "r", device="cpu",
+                progress=False)  # the same weights, reused
+    card = json.loads((tmp_path / "r" / "base" / "model.json").read_text())
+    assert card["robustness"]["images"] == 80 and again["robust_accuracy"] == card["robustness"]["accuracy"]
 
 
 def test_bad_reduced_options_name_the_option():
