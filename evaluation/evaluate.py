@@ -333,10 +333,12 @@ class Evaluation:
             if row.network == ENDPOINT:  # probabilities only: softmax(log p / T) is the teacher at T
                 answers = served()["test"]
                 top1, probs = answers.argmax(1), student_targets(answers, "logit", self.kd_t)
-            elif row.kind == "serving-time defense":  # the label is the model's own top-1, whatever the defense
-                teacher = net(row)
-                top1 = predict_logits(teacher["model"], test.images, self.device, self.cfg.eval_batch_size).argmax(1)
-                probs = student_targets(self.served_answers(row, net, test.images), "logit", self.kd_t)
+            elif row.kind == "serving-time defense":
+                # The accuracy a user gets: the served answer's top class. A defense that keeps the top-1 gives the
+                # network's own; one that does not (misinformation) is charged for every label it changes.
+                served_probs = self.served_answers(row, net, test.images)
+                top1 = served_probs.argmax(1)
+                probs = student_targets(served_probs, "logit", self.kd_t)
             else:
                 logits = predict_logits(net(row)["model"], test.images, self.device, self.cfg.eval_batch_size)
                 shown = sparse_topk_logits(logits, row.top_k) if row.top_k else logits
