@@ -38,6 +38,9 @@ class Scale:
     recipes: dict = field(default_factory=dict)  # per teacher recipe: overrides of `teacher` (a reduced InI, LTD...)
     paper_size: int | None = None  # paper protocol (and the students alone): KD on this many of the teacher's
     #                                training images, a class-balanced subset (None: all of them)
+    attacks: dict = field(default_factory=dict)  # per attack: overrides of its parameters (a reduced recovery...)
+    race: float | None = None  # points: the student seeds after the first run only the attacks whose student came
+    #                            within this of the row's worst case on the first seed (None: every attack, every seed)
 
 
 SCALES: dict[str, Scale] = {
@@ -50,20 +53,28 @@ SCALES: dict[str, Scale] = {
                  dict(arch="resnet20", epochs=30, limit_train=4000, limit_test=2000, schedule="cosine",
                       milestones=(), lr=0.1, pgd_steps=10, pgd_step=0.03),
                  student=dict(lr=0.05), student_epochs=10, query_size=4000),
-    # 2 CPU cores, CIFAR-10, every row and attack at 3 seeds in under 100 minutes with --jobs 2
-    # (docs/results/cifar10-cpu-full/README.md): ResNet-20 teachers on 45,000 images in bf16 and channels_last,
-    # the other 5,000 the thief's queries; InI and LTD start from the base and train one epoch.
-    "cpu-full": Scale("CIFAR-10 on 2 CPU cores, every row and attack: ResNet-20 teachers on 45,000 images (7 "
-                      "epochs, bf16), cnn5 thieves with the other 5,000 as queries; about 100 minutes with --jobs 2",
-                      dict(arch="resnet20", epochs=7, limit_train=45000, batch_size=256, lr=0.2, schedule="cosine",
+    # 2 CPU cores, CIFAR-10, every row and attack at 3 seeds in about 100 minutes with --jobs 2
+    # (docs/results/cifar10-cpu-full/README.md): a ResNet-20 base on 45,000 images in bf16 and channels_last, the
+    # other 5,000 the thief's queries; the defended teachers start from the base (see `recipes`).
+    "cpu-full": Scale("CIFAR-10 on 2 CPU cores, every row and attack: a ResNet-20 base on 45,000 images (10 epochs, "
+                      "bf16), the defended teachers fine-tuned from it, cnn5 thieves with the other 5,000 as "
+                      "queries; about 100 minutes with --jobs 2",
+                      dict(arch="resnet20", epochs=10, limit_train=45000, batch_size=256, lr=0.2, schedule="cosine",
                            milestones=(), pgd_steps=5, pgd_step=0.06, precision="bf16", channels_last=True,
                            test_every=0, robust_images=1000),
                       student=dict(lr=0.05), student_epochs=5, paper_size=5000,
-                      # The expensive recipes, reduced: fine-tuned from the base for one epoch (InI: double
-                      # backpropagation; LTD: 3 PGD steps per batch instead of 10); the misinformation model: 2 epochs.
-                      recipes={"ini": dict(init_from_base=True, epochs=1),
-                               "ltd": dict(init_from_base=True, epochs=1, ltd_steps=3, ltd_step=3 / 255),
-                               "misinformation": dict(epochs=2)}),
+                      # Reduced recipes: every defended teacher starts from the base and trains 2 epochs at lr 0.05
+                      # (InI, double backpropagation: 1 epoch at 0.02; LTD: 1 epoch, 3 PGD steps per batch instead
+                      # of 10); the misinformation model (a network of its own): 2 epochs from scratch.
+                      recipes={"ast": dict(init_from_base=True, epochs=2, lr=0.05),
+                               "nt": dict(init_from_base=True, epochs=2, lr=0.05),
+                               "stt": dict(init_from_base=True, epochs=2, lr=0.05),
+                               "ini": dict(init_from_base=True, epochs=1, lr=0.02),
+                               "ltd": dict(init_from_base=True, epochs=1, lr=0.05, ltd_steps=3, ltd_step=3 / 255),
+                               "misinformation": dict(epochs=2)},
+                      # recovery's own teacher pair: 2 epochs (not the student's 5), its MLP 100 epochs (not 300)
+                      attacks={"recovery": dict(epochs=2, mlp_epochs=100)},
+                      race=3.0),
     "paper": Scale("the paper's presets: full training set, 160/200 epochs; for a GPU"),
 }
 

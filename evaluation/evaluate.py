@@ -139,6 +139,7 @@ class Evaluation:
         self._queries: dict[int, Split] = {}
         self._data: dict[int, Dataset] = {}
         self._networks: dict[int, dict[tuple, dict]] = {}  # teacher seed -> (network, overrides) -> network()
+        self._cells: dict[int, dict] = {}  # teacher seed -> the teachers' own cells (accuracy, statistics...)
         if "query" in cfg.protocols:
             self.query_set(cfg.seeds[0])  # fails now, not after the teachers, when there is no held-out data
         elif cfg.url:
@@ -158,8 +159,10 @@ class Evaluation:
         shared base as it is), then the row's own overrides."""
         given = dict(self.eval_cfg.set)  # --set beats the scale, its reductions included
         reduced = {k: v for k, v in self.scale.recipes.get(row.network, {}).items() if k not in given}
-        if reduced and self.cfg.base_epochs is None:
+        if reduced and self.cfg.base_epochs is None:  # the shared base keeps the scale's epochs and rate
             reduced["base_epochs"] = self.cfg.epochs
+        if "lr" in reduced and self.cfg.base_lr is None:
+            reduced["base_lr"] = self.cfg.lr
         return replace(self.cfg, seed=seed, teacher=row.network, **{**reduced, **dict(row.overrides)})
 
     def student_cfg(self, arch: str, seed: int) -> Config:
@@ -319,8 +322,14 @@ class Evaluation:
             return answers
         res = {"teachers": {}, "statistics": {}, "students": {p: {} for p in PROTOCOLS}, "histograms": {},
                "attacks": {}, "robust": {}, "latency_ms": {}}
-        if only is None:  # the latencies once, in the first seed's pass
-            self.teacher_cells(res, data.test, net, served, latency=student_seed == self.eval_cfg.seeds[0])
+        if only is None:  # the teachers' cells once per teacher seed; the latencies once, in the first seed's pass
+            if seed not in self._cells:
+                self._cells[seed] = {k: {} for k in ("teachers", "statistics", "histograms", "robust", "latency_ms")}
+                self.teacher_cells(self._cells[seed], data.test, net, served,
+                                   latency=student_seed == self.eval_cfg.seeds[0])
+            res.update({k: dict(v) for k, v in self._cells[seed].items() if k != "latency_ms"})
+            if student_seed == self.eval_cfg.seeds[0]:
+                res["latency_ms"] = dict(self._cells[seed]["latency_ms"])
         for name, protocol, row in self.groups():
             if only is None or name == only:
                 self.train_group(res, protocol, row, student_seed, seed, data, net, served)
@@ -424,14 +433,55 @@ class Evaluation:
                                        target=targets, kind="query_students")
             res["students"]["query"][row.name] = {k: v["test_accuracy"] for k, v in done.items()}
             if self.attacks:
-                res["attacks"][row.name] = self.attack_row(row, queries, probs, source, student_seed, data, net,
-                                                           served)
+                res["attacks"][row.name], raced = self.attack_row(row, queries, probs, source, student_seed, data,
+                                                                  net, served)
+                if any(raced.values()):
+                    res.setdefault("raced", {})[row.name] = raced
 
     # -- the attack suite (query protocol)
+    def attack_params(self, name: str) -> dict:
+        """An attack's parameters: its defaults, and the scale's overrides (a reduced recovery...)."""
+        return {**ATTACKS[name].defaults, **self.scale.attacks.get(name, {})}
+
+    def attack_place(self, arch: str, name: str, student_seed: int, source: dict) -> tuple[dict, Path, Path]:
+        """An attack's settings (as JSON stores them, so that the key read back compares equal), its result's folder
+        under work/attacks, and where answers that do not depend on the student are kept (bought once for every
+        student)."""
+        settings = json.loads(json.dumps({**self.student_settings(arch, student_seed, "attack", source),
+                                          "attack": name, "attack_params": self.attack_params(name)}))
+        bought = {k: v for k, v in settings.items() if k not in ("arch",)}
+        return (settings, self.work / "attacks" / f"{arch}-{name}-{settings_hash(settings)}",
+                self.work / "attacks" / "answers" / f"{name}-{settings_hash(bought)}")
+
+    def attack_done(self, arch: str, name: str, student_seed: int, source: dict) -> dict | None:
+        settings, folder, _ = self.attack_place(arch, name, student_seed, source)
+        done = folder / "result.json"
+        if done.exists():
+            saved = json.loads(done.read_text())
+            if saved.get("key") == settings:
+                return saved["result"]
+        return None
+
+    def race(self, arch: str, student_seed: int, source: dict) -> tuple[list[str], list[str]]:
+        """The attacks a student seed runs, and those it leaves out: with the scale's `race` margin, a seed after the
+        first runs only the attacks whose student came within `race` points of the row's worst case on the first
+        seed (the same teachers and queries: --teacher-seed); every attack where the first seed's results are not
+        all there."""
+        first = self.eval_cfg.seeds[0]
+        if self.scale.race is None or student_seed == first or self.eval_cfg.teacher_seed is None:
+            return self.attacks, []
+        firsts = {n: self.attack_done(arch, n, first, source) for n in self.attacks}
+        if any(r is None or r.get("student_accuracy") is None for r in firsts.values()):
+            return self.attacks, []
+        best = max(r["student_accuracy"] for r in firsts.values())
+        keep = [n for n in self.attacks if firsts[n]["student_accuracy"] >= best - self.scale.race / 100]
+        return keep, [n for n in self.attacks if n not in keep]
+
     def attack_row(self, row: Row, queries: Split, probs: torch.Tensor, source: dict, student_seed: int,
-                   data: Dataset, net, served) -> dict:
-        """Every attack of --attacks against one row, for every student: {arch: {attack: result}}. Each result is
-        kept in its folder under work/attacks by its settings; answers an attack buys itself are kept there too."""
+                   data: Dataset, net, served) -> tuple[dict, dict]:
+        """Every attack of --attacks against one row, for every student: {arch: {attack: result}}, and the attacks
+        this seed left out ({arch: [names]}, see `race`). Each result is kept in its folder under work/attacks by
+        its settings; answers an attack buys itself are kept there too."""
         if row.network == ENDPOINT:
             card, defense, test_answers = served()["card"], served()["defense"], served()["test"].numpy()
             url, key = self.eval_cfg.url, self.eval_cfg.api_key
@@ -449,41 +499,34 @@ class Evaluation:
             def ask(images, answers_):
                 return asyncio.run(victim.answer(images, answers_))
         transfer = TransferSet(queries.images, queries.labels, probs.numpy().astype(np.float32), {})
-        out = {}
+        out, raced = {}, {}
         for arch in self.eval_cfg.students:
             cfg = self.student_cfg(arch, student_seed)
             # The query students' own configuration and normalisation: the label-mode attack is their twin.
             spec = StudentSpec(arch, cfg.epochs, cfg.lr, cfg.batch_size, cfg.crop_pad, cfg.flip, cfg.seed, base=cfg,
                                mean=tuple(data.mean), std=tuple(data.std))
             out[arch] = {}
-            for name in self.attacks:
-                # As JSON stores it (tuples become lists), so that the key read back compares equal.
-                settings = json.loads(json.dumps({**self.student_settings(arch, student_seed, "attack", source),
-                                                  "attack": name, "attack_params": ATTACKS[name].defaults}))
-                folder = self.work / "attacks" / f"{arch}-{name}-{settings_hash(settings)}"
-                # Queries that do not depend on the student (smoothing's, noise's) are bought once for every student.
-                bought = {k: v for k, v in settings.items() if k not in ("arch",)}
-                answers_dir = self.work / "attacks" / "answers" / f"{name}-{settings_hash(bought)}"
+            names, raced[arch] = self.race(arch, student_seed, source)
+            for name in names:
+                settings, folder, answers_dir = self.attack_place(arch, name, student_seed, source)
                 with exclusive(folder.with_name(folder.name + ".lock")):
-                    done = folder / "result.json"
-                    if done.exists() and json.loads(done.read_text()).get("key") == settings:
-                        result = json.loads(done.read_text())["result"]
-                    else:
+                    result = self.attack_done(arch, name, student_seed, source)
+                    if result is None:
                         t0 = time.time()
                         setting = Setting(card, defense, ask, transfer, data.test, test_answers, spec, folder,
                                           self.device, temperature=self.kd_t, progress=self.eval_cfg.progress,
                                           seed=cfg.seed, answers_dir=answers_dir)
                         try:
                             with exclusive(answers_dir.with_name(answers_dir.name + ".lock")):
-                                result = run_attack(name, setting)
+                                result = run_attack(name, setting, **self.scale.attacks.get(name, {}))
                         except AstguardError as e:
                             raise RunError(f"--url {self.eval_cfg.url}, during the {name} attack: {e}") from None
                         self.seconds["attacks"] += time.time() - t0
                         self.trained["attacks"] += 1
-                        write_atomic(done, lambda tmp: tmp.write_text(json.dumps({"key": settings, "result": result},
+                        write_atomic(folder / "result.json", lambda tmp: tmp.write_text(json.dumps({"key": settings, "result": result},
                                                                                   indent=1, default=str) + "\n"))
                 out[arch][name] = result
-        return out
+        return out, raced
 
     def paper_train(self, data: Dataset, seed: int) -> Split:
         """What the paper protocol's students (and those alone) train on: the teacher's training images, or the
@@ -507,10 +550,21 @@ class Evaluation:
         seeds = list(dict.fromkeys(self.teacher_seed(s) for s in self.eval_cfg.seeds))
         networks = {(r.network, r.overrides): r for r in self.rows if r.network not in (ENDPOINT, "base")}
         models = dict.fromkeys(m for r in self.rows for m in r.models)  # the models defenses read, trained beside
-        return [[(s, "network base") for s in seeds],
-                [(s, f"network {r.name}") for s in seeds for r in networks.values()]
-                + [(s, f"model {m}") for s in seeds for m in models],
-                [(s, name) for s in self.eval_cfg.seeds for name, _, _ in self.groups()]]
+        # The longest jobs first, so that no worker idles at a wave's end: the query groups (with the attack suite).
+        groups = sorted(self.groups(), key=lambda g: g[1] != "query")
+        students = [(s, name) for s in self.eval_cfg.seeds for name, _, _ in groups]
+        waves = [[(s, "network base") for s in seeds],
+                 [(s, f"network {r.name}") for s in seeds for r in networks.values()]
+                 + [(s, f"model {m}") for s in seeds for m in models]]
+        if self.scale.race is not None and self.attacks and self.eval_cfg.teacher_seed is not None:
+            # A race: the later seeds' attack suites read the first seed's, so they run in a wave after it.
+            first = self.eval_cfg.seeds[0]
+            later = {name for name, protocol, _ in groups if protocol == "query"}
+            waves += [[(s, n) for s, n in students if s == first or n not in later],
+                      [(s, n) for s, n in students if s != first and n in later]]
+        else:
+            waves.append(students)
+        return [w for w in waves if w]
 
     def run_job(self, seed: int, name: str) -> None:
         kind, _, which = name.partition(" ")
@@ -588,8 +642,13 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
     if attacked:
         out["attacks"], out["worst_case"], out["resistance"] = {}, {}, {}
         for row in attacked:
-            table = {a: {name: {"accuracy": cell(lambda r: r["attacks"][row.name][a][name]["student_accuracy"]),
-                                "agreement": cell(lambda r: r["attacks"][row.name][a][name]["agreement"])}
+            # An attack raced out after the first seed (Scale.race) is summarised over the seeds that ran it.
+            def ran(get, a, name):
+                c = over_seeds([get(r["attacks"][row.name][a][name]) for r in per_seed
+                                if name in r["attacks"][row.name][a]])
+                return c if len(c["values"]) == len(per_seed) else {**c, "raced_out": True}
+            table = {a: {name: {"accuracy": ran(lambda x: x["student_accuracy"], a, name),
+                                "agreement": ran(lambda x: x["agreement"], a, name)}
                          for name in per_seed[0]["attacks"][row.name][a]} for a in students}
             out["attacks"][row.name] = table
             out["worst_case"][row.name] = {a: _worst_over_seeds(per_seed, row.name, a) for a in students}
@@ -654,6 +713,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                      "url": cfg.url,
                      "top_k": ev.top_k, "student_epochs": ev.student_epochs, "kd_temperature": ev.kd_t,
                      "kd_alpha": ev.kd_alpha, "label_mode": cfg.label_mode,
+                     "attack_params": {n: ev.attack_params(n) for n in ev.attacks}, "race": ev.scale.race,
                      "defenses": {r.name: {"defense": r.defense, "params": dict(r.defense_params)}
                                   for r in ev.rows if r.defense},
                      "query_size": len(ev.query_set(ev.teacher_seed(cfg.seeds[0])).labels)

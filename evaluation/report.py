@@ -140,9 +140,19 @@ def attack_tables(results: dict) -> list[str]:
         for row in attacked:
             cells = results["attacks"][row][s]
             top = max(names, key=lambda n: (cells[n]["accuracy"]["mean"], cells[n]["agreement"]["mean"] or 0))
-            lines.append(f"| {row} | " + " | ".join(f"**{pm(cells[n]['accuracy'])}**" if n == top
-                                                   else pm(cells[n]["accuracy"]) for n in names) + " |")
+            lines.append(f"| {row} | " + " | ".join(
+                (f"**{pm(cells[n]['accuracy'])}**" if n == top else pm(cells[n]["accuracy"]))
+                + ("†" if cells[n]["accuracy"].get("raced_out") else "") for n in names) + " |")
         lines.append("")
+    race = results["settings"].get("race")
+    if race is not None and any(c["accuracy"].get("raced_out") for row in attacked
+                                for s in results["settings"]["students"] for c in results["attacks"][row][s].values()):
+        lines += [f"† raced out: after the first seed, an attack runs again only where its student came within {race:g} "
+                  "points of the row's worst case on the first seed; the cell is the seeds that ran it (the first "
+                  "seed's alone: no interval). Each seed's worst case is over the attacks it ran.", ""]
+    params = {n: p for n, p in results["settings"].get("attack_params", {}).items() if p}
+    lines += ["Attack parameters: " + "; ".join(f"{n} " + ", ".join(f"{k}={v}" for k, v in p.items())
+                                                for n, p in params.items()) + ".", ""] if params else []
     return lines
 
 

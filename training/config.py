@@ -26,6 +26,8 @@ class Config:
     base_epochs: int | None = _f(None, "epochs for the base model (default: --epochs)")
     batch_size: int = _f(64, "batch size")
     lr: float = _f(0.05, "SGD learning rate")
+    base_lr: float | None = _f(None, "SGD learning rate for the base model (default: --lr; with --init-from-base, "
+                                     "--lr is then the fine-tuning's)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "SGD weight decay")
     schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "step"))

@@ -45,12 +45,16 @@ BASE_FIELDS = ("dataset", "limit_train", "arch", "batch_size", "lr", "momentum",
 def stage_settings(cfg: Config, teacher: str, epochs: int, top_k: int) -> dict:
     """Everything a stage's result depends on; a finished stage is reused only when these match."""
     d = {**cfg.to_dict(), "top_k": top_k}  # the k actually used, whether from --top-k or --sparse-ratio
+    if teacher == "base" and cfg.base_lr is not None:  # the base trains at its own rate (a fine-tuning's is --lr)
+        d["lr"] = cfg.base_lr
     settings = {**{k: d[k] for k in BASE_FIELDS + TEACHERS[teacher].params}, "teacher": teacher, "epochs": epochs}
     if TEACHERS[teacher].needs_base:  # trained against the base model: depends on how long that trained
         settings["base_epochs"] = cfg.base_epochs or cfg.epochs
     if cfg.init_from_base and teacher != "base":  # only when set: the runs cached before the option keep their key
         settings["init_from_base"] = True
         settings["base_epochs"] = cfg.base_epochs or cfg.epochs
+    if cfg.base_lr is not None and teacher != "base" and (TEACHERS[teacher].needs_base or cfg.init_from_base):
+        settings["base_lr"] = cfg.base_lr
     return settings
 
 
@@ -207,7 +211,8 @@ def run(cfg: Config, out: Path, *, device: str = "auto", cache_dir: Path | None 
     # Runs that share a stage's directory (evaluate --jobs: teachers sharing one base) take turns: the next one
     # finds the stage finished and reuses it.
     with run_lock(base_dir / ".lock"):
-        base, base_metrics = train_stage("base", cfg, data, base_dir, dev, epochs=base_epochs, top_k=top_k,
+        base_cfg = cfg if cfg.base_lr is None else replace(cfg, lr=cfg.base_lr)
+        base, base_metrics = train_stage("base", base_cfg, data, base_dir, dev, epochs=base_epochs, top_k=top_k,
                                          resume=resume, overwrite=overwrite, progress=progress,
                                          on_epoch_end=hook("base"))
         base_acc = base_metrics["test_accuracy"]

@@ -329,3 +329,37 @@ def test_jobs_fan_teachers_and_student_groups_out_to_processes_and_train_each_ex
     again = json.loads((tmp_path / "r" / "results.json").read_text())
     assert again["run"]["trained"] == {"teacher_epochs": 0, "student_epochs": 0, "attacks": 0}
     assert again["teachers"] == r["teachers"] and again["students"] == r["students"]
+
+
+def test_a_race_runs_only_the_first_seeds_close_attacks_again_with_the_scales_attack_parameters(tmp_path,
+                                                                                                monkeypatch):
+    import dataclasses
+
+    import evaluation.config as config
+    import evaluation.evaluate as evaluate
+    raced = dataclasses.replace(config.SCALES["smoke"], race=3.0, attacks={"noise": {"mode": "hard"}})
+    monkeypatch.setitem(config.SCALES, "smoke", raced)
+    argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base", "--students", "digits_cnn",
+            "--protocols", "query", "--attacks", "soft,noise", "--seeds", "2", "--teacher-seed", "0",
+            "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--no-progress", "--device", "cpu"]
+    # The waves of --jobs: the later seed's suite comes after the first seed's, the small groups beside it.
+    waves = evaluate.Evaluation(evaluate.parse_args(argv)).waves()
+    assert waves[-1] == [(1, "query base")] and (0, "query base") in waves[-2] and (1, "alone") in waves[-2]
+    cells_of = []  # the teachers' own cells: computed once for the teacher seed both student seeds share
+    real = evaluate.Evaluation.teacher_cells
+    monkeypatch.setattr(evaluate.Evaluation, "teacher_cells",
+                        lambda self, *a, **k: (cells_of.append(1), real(self, *a, **k))[1])
+    assert main(argv) == 0
+    r = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert len(cells_of) == 1 and r["per_seed"][0]["teachers"] == r["per_seed"][1]["teachers"]
+    assert r["per_seed"][0]["latency_ms"] and not r["per_seed"][1]["latency_ms"]
+    first, second = (s["attacks"]["base"]["digits_cnn"] for s in r["per_seed"])
+    assert first["soft"]["student_accuracy"] - first["noise"]["student_accuracy"] > 0.03  # noise is far behind ...
+    assert list(second) == ["soft"] and r["per_seed"][1]["raced"] == {"base": {"digits_cnn": ["noise"]}}  # ... out
+    cells = r["attacks"]["base"]["digits_cnn"]
+    assert cells["noise"]["accuracy"]["raced_out"] and len(cells["noise"]["accuracy"]["values"]) == 1
+    assert "raced_out" not in cells["soft"]["accuracy"] and len(cells["soft"]["accuracy"]["values"]) == 2
+    assert r["worst_case"]["base"]["digits_cnn"]["attacks"] == ["soft", "soft"]
+    assert first["noise"]["settings"]["mode"] == "hard" and r["settings"]["attack_params"]["noise"] == {"mode": "hard"}
+    md = (tmp_path / "r" / "results.md").read_text()
+    assert "† raced out" in md and "noise mode=hard" in md

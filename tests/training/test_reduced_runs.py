@@ -9,6 +9,7 @@ import torch
 
 from training.config import make_config, validate
 from training.pgd import PGDConfig, adversarial_set
+from training.loop import RunError
 from training.train_ast import run, stage_settings
 
 
@@ -90,3 +91,20 @@ def test_pgd_under_bf16_stays_in_the_ball_and_is_cached_apart(tmp_path):
     assert (fp32 != bf16).any()  # the bf16 gradients are not the fp32 ones
     with pytest.raises(ValueError, match="precision"):
         adversarial_set(model, images, labels, cfg, cache_dir=None, progress=False, precision="fp16")
+
+
+def test_a_fine_tuning_at_its_own_rate_reuses_the_base_trained_at_the_base_rate(tmp_path):
+    base = run(make_config("digits", teacher="base", epochs=2, lr=0.05), tmp_path / "b", device="cpu",
+               progress=False, export=False)
+    checkpoint = tmp_path / "b" / "base" / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+    cfg = make_config("digits", teacher="stt", epochs=1, base_epochs=2, lr=0.01, base_lr=0.05, init_from_base=True)
+    tuned = run(cfg, tmp_path / "t", device="cpu", progress=False, export=False, base_dir=tmp_path / "b" / "base")
+    assert checkpoint.read_bytes() == before  # the base was read back, not trained again at lr 0.01
+    assert tuned["base"]["test_accuracy"] == base["test_accuracy"]
+    stage = json.loads((tmp_path / "t" / "metrics.json").read_text())["settings"]
+    assert stage["lr"] == 0.01 and stage["base_lr"] == 0.05
+    # Without base_lr, the base's settings would be the fine-tuning's rate: another base, which the shared one is not.
+    with pytest.raises(RunError, match="differs in: lr"):
+        run(make_config("digits", teacher="stt", epochs=1, base_epochs=2, lr=0.01, init_from_base=True),
+            tmp_path / "t2", device="cpu", progress=False, export=False, base_dir=tmp_path / "b" / "base")
