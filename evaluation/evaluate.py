@@ -150,6 +150,11 @@ class Evaluation:
                 raise ValueError(f"--teachers {served[0]} is a serving-time defense, evaluated with the query "
                                  "protocol; add query to --protocols")
         self.attacks = attack_names(cfg.attacks, allow_none=True) if "query" in cfg.protocols else []
+        for name, params in self.scale.attacks.items():  # a scale's attack parameters fail now, not after training
+            unknown = set(params) - set(ATTACKS[name].defaults)
+            if unknown:
+                raise ValueError(f"scale {cfg.scale}: attack {name!r} has no parameter {sorted(unknown)[0]!r}; it "
+                                 f"takes {', '.join(ATTACKS[name].defaults) or 'none'}")
         self.trained = {"teacher_epochs": 0, "student_epochs": 0, "attacks": 0}
         self.seconds = {"teachers": 0.0, "paper_students": 0.0, "query_students": 0.0, "attacks": 0.0}
 
@@ -161,9 +166,14 @@ class Evaluation:
         reduced = {k: v for k, v in self.scale.recipes.get(row.network, {}).items() if k not in given}
         if reduced and self.cfg.base_epochs is None:  # the shared base keeps the scale's epochs and rate
             reduced["base_epochs"] = self.cfg.epochs
-        if "lr" in reduced and self.cfg.base_lr is None:
+        if reduced.get("lr", self.cfg.lr) != self.cfg.lr and self.cfg.base_lr is None:
             reduced["base_lr"] = self.cfg.lr
         return replace(self.cfg, seed=seed, teacher=row.network, **{**reduced, **dict(row.overrides)})
+
+    def recipe_settings(self, row: Row) -> dict:
+        """Where a row's network trains otherwise than the scale's teachers (its reduction, its variant's fields)."""
+        own, shared = self.teacher_cfg(row, self.teacher_seed(self.eval_cfg.seeds[0])).to_dict(), self.cfg.to_dict()
+        return {k: v for k, v in own.items() if k not in ("seed", "teacher") and v != shared[k]}
 
     def student_cfg(self, arch: str, seed: int) -> Config:
         return replace(self.cfg, seed=seed, arch=arch, epochs=self.student_epochs, base_epochs=None,
@@ -523,8 +533,9 @@ class Evaluation:
                             raise RunError(f"--url {self.eval_cfg.url}, during the {name} attack: {e}") from None
                         self.seconds["attacks"] += time.time() - t0
                         self.trained["attacks"] += 1
-                        write_atomic(folder / "result.json", lambda tmp: tmp.write_text(json.dumps({"key": settings, "result": result},
-                                                                                  indent=1, default=str) + "\n"))
+                        record = {"key": settings, "result": result}
+                        write_atomic(folder / "result.json",
+                                     lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=str) + "\n"))
                 out[arch][name] = result
         return out, raced
 
@@ -546,13 +557,14 @@ class Evaluation:
 
     def waves(self) -> list[list[tuple[int, str]]]:
         """--jobs: the evaluation as independent jobs (seed, name), in waves that need only earlier waves: the
-        base networks, the other teacher networks (which share their base), then every seed's student groups."""
+        base networks, the other teacher networks (which share their base), then every seed's student groups (with
+        a race, the later seeds' query groups in a last wave: their suites read the first seed's results)."""
         seeds = list(dict.fromkeys(self.teacher_seed(s) for s in self.eval_cfg.seeds))
         networks = {(r.network, r.overrides): r for r in self.rows if r.network not in (ENDPOINT, "base")}
         models = dict.fromkeys(m for r in self.rows for m in r.models)  # the models defenses read, trained beside
         # The longest jobs first, so that no worker idles at a wave's end: the query groups (with the attack suite).
         groups = sorted(self.groups(), key=lambda g: g[1] != "query")
-        students = [(s, name) for s in self.eval_cfg.seeds for name, _, _ in groups]
+        students = [(s, name) for name, _, _ in groups for s in self.eval_cfg.seeds]
         waves = [[(s, "network base") for s in seeds],
                  [(s, f"network {r.name}") for s in seeds for r in networks.values()]
                  + [(s, f"model {m}") for s in seeds for m in models]]
@@ -606,8 +618,10 @@ class Evaluation:
 
 def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protocols: list[str]) -> dict:
     def cell(get):
-        values = [get(r) for r in per_seed]
-        return over_seeds(values)
+        return over_seeds([get(r) for r in per_seed])
+
+    def diff(get):  # a difference taken seed by seed: its paired interval says whether it is real
+        return over_seeds([get(r) for r in per_seed], difference=True)
 
     teachers = {}
     base_name = next((r.name for r in rows if r.kind == "teacher" and r.network == "base"), None)
@@ -616,7 +630,7 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
         if all(r.get("robust", {}).get(row.name) is not None for r in per_seed):
             t["robust_accuracy"] = cell(lambda r: r["robust"][row.name])
         if base_name:
-            t["change_from_base"] = cell(lambda r: r["teachers"][row.name] - r["teachers"][base_name])
+            t["change_from_base"] = diff(lambda r: r["teachers"][row.name] - r["teachers"][base_name])
         teachers[row.name] = t
     out = {"teachers": teachers,
            "students": {"alone": {a: cell(lambda r: r["students"]["alone"][a]) for a in students}},
@@ -631,9 +645,9 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
             out["students"][p][row.name] = {}
             for a in students:
                 c = {"accuracy": cell(lambda r: r["students"][p][row.name][a]),
-                     "change_from_alone": cell(lambda r: r["students"][p][row.name][a] - r["students"]["alone"][a])}
+                     "change_from_alone": diff(lambda r: r["students"][p][row.name][a] - r["students"]["alone"][a])}
                 if base_name in per_seed[0]["students"][p]:  # paired: the same student seed against both teachers
-                    c["change_from_base"] = cell(lambda r: r["students"][p][row.name][a]
+                    c["change_from_base"] = diff(lambda r: r["students"][p][row.name][a]
                                                  - r["students"][p][base_name][a])
                 out["students"][p][row.name][a] = c
     if per_seed[0].get("latency_ms"):  # measured once, by the sequential pass of the first seed
@@ -652,15 +666,22 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
                          for name in per_seed[0]["attacks"][row.name][a]} for a in students}
             out["attacks"][row.name] = table
             out["worst_case"][row.name] = {a: _worst_over_seeds(per_seed, row.name, a) for a in students}
+            for a in students:  # some seed judged the row by fewer attacks than the first: say so where it is printed
+                left_out = sorted({n for r in per_seed for n in r.get("raced", {}).get(row.name, {}).get(a, [])})
+                if left_out:
+                    out["worst_case"][row.name][a]["raced_out"] = left_out
             if "reference" in per_seed[0]["students"]:  # what the strongest thief gains over labelling its queries
                 for a in students:
-                    out["worst_case"][row.name][a]["minus_reference"] = cell(
+                    out["worst_case"][row.name][a]["minus_reference"] = diff(
                         lambda r: _worst(r, row.name, a)["student_accuracy"] - r["students"]["reference"][a])
         if base_name in out["worst_case"]:  # what the defense takes from the strongest thief, seed by seed
             for row in attacked:
-                out["resistance"][row.name] = {a: cell(lambda r: _worst(r, base_name, a)["student_accuracy"]
+                out["resistance"][row.name] = {a: diff(lambda r: _worst(r, base_name, a)["student_accuracy"]
                                                        - _worst(r, row.name, a)["student_accuracy"])
                                                for a in students}
+                for a in students:  # the same, as the change a reader compares with the other "vs Base" columns
+                    out["worst_case"][row.name][a]["change_from_base"] = diff(
+                        lambda r: _worst(r, row.name, a)["student_accuracy"] - _worst(r, base_name, a)["student_accuracy"])
     for row in rows:
         out["statistics"][row.name] = {
             stat: {k: cell(lambda r: r["statistics"][row.name][stat][k])["mean"] for k in ("mean", "var", "min", "max")}
@@ -714,6 +735,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                      "top_k": ev.top_k, "student_epochs": ev.student_epochs, "kd_temperature": ev.kd_t,
                      "kd_alpha": ev.kd_alpha, "label_mode": cfg.label_mode,
                      "attack_params": {n: ev.attack_params(n) for n in ev.attacks}, "race": ev.scale.race,
+                     "recipes": {r.name: ev.recipe_settings(r) for r in ev.rows if r.network != ENDPOINT},
                      "defenses": {r.name: {"defense": r.defense, "params": dict(r.defense_params)}
                                   for r in ev.rows if r.defense},
                      "query_size": len(ev.query_set(ev.teacher_seed(cfg.seeds[0])).labels)

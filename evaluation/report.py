@@ -44,10 +44,16 @@ def practitioner_table(results: dict) -> list[str]:
     latency = results.get("latency_ms", {})
     base = next((r for r in rows if s.get("row_kinds", {}).get(r) == "teacher" and r == "base"), None)
     ref = results["students"].get("reference", {})
+    n_attacks = len(next(iter(results['attacks'].values()))[students[0]])
     lines = ["## At a glance: which defense, at what cost", "",
-             f"Per defense, the worst case over the {len(next(iter(results['attacks'].values()))[students[0]])} "
-             "attacks of the suite (query protocol: the thief has no labels and queries the served model with "
-             f"{s['query_size']} images the teacher never saw). {_seeds_note(results)}", ""]
+             f"Per defense, the worst case over the {n_attacks} attacks of the suite (query protocol: the thief has "
+             f"no labels and queries the served model with {s['query_size']} images the teacher never saw). "
+             f"{_seeds_note(results)}", ""]
+    if any(w.get("raced_out") for row in rows for w in results["worst_case"][row].values()):
+        lines += [f"† the seeds after the first ran only the attacks within {s.get('race'):g} points of the row's "
+                  "worst case on the first seed (a race; the attacks left out are in the suite's table below): "
+                  "their worst case is over those, so it can only be lower than the whole suite's, by as much as "
+                  "a left-out attack would have beaten the ones kept.", ""]
     if ref:
         lines += ["Reference: " + ", ".join(f"a {a} trained with the true labels of the thief's queries reaches "
                                             f"{pm(ref[a])}%" for a in students)
@@ -59,15 +65,17 @@ def practitioner_table(results: dict) -> list[str]:
             ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in rows:
             t, w = results["teachers"][name], results["worst_case"][name][a]
+            change = w.get("change_from_base")
             r = results.get("resistance", {}).get(name, {}).get(a)
-            vs_base = "" if name == base or r is None else pm({**r, "mean": -r["mean"],
-                                                               "values": [-v for v in r["values"]]},
-                                                              signed=True, mark=True)
+            if change is None and r is not None:  # results written before the change was kept: -resistance
+                change = {**r, "mean": -r["mean"], "values": [-v for v in r["values"]]}
+            vs_base = "" if name == base or change is None else pm(change, signed=True, mark=True)
             vs_ref = pm(w["minus_reference"], signed=True, mark=True) if "minus_reference" in w else ""
             lat = ""
             if name in latency and base in latency:
                 lat = f"{latency[name] - latency[base]:+.2f}" if name != base else f"{latency[name]:.2f} (itself)"
-            lines.append("| " + " | ".join([name, pm(t["accuracy"]), _robust(t), pm(w["accuracy"]),
+            raced = "†" if w.get("raced_out") else ""
+            lines.append("| " + " | ".join([name, pm(t["accuracy"]), _robust(t), pm(w["accuracy"]) + raced,
                                             _by(w["attacks"]), vs_base, vs_ref, lat]) + " |")
     lines += ["", "Latency: the median of 60 single-image answers in onnxruntime behind the row's output defense, "
               "without HTTP, minus Base's (the rows measured in turn on the same machine).", ""]
@@ -120,7 +128,7 @@ def accuracy_table(results: dict, protocol: str, rows: list[str]) -> list[str]:
             for s_ in students:
                 w = worst.get(name, {}).get(s_)
                 r = results.get("resistance", {}).get(name, {}).get(s_)
-                cells += [pm(w["accuracy"]), _by(w["attacks"])] if w else ["", ""]
+                cells += [pm(w["accuracy"]) + ("†" if w.get("raced_out") else ""), _by(w["attacks"])] if w else ["", ""]
                 cells.append(pm(r, signed=True, mark=True) if r else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -139,7 +147,8 @@ def attack_tables(results: dict) -> list[str]:
         lines += [f"Student `{s}`:", "", "| Teacher | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for row in attacked:
             cells = results["attacks"][row][s]
-            top = max(names, key=lambda n: (cells[n]["accuracy"]["mean"], cells[n]["agreement"]["mean"] or 0))
+            full = [n for n in names if not cells[n]["accuracy"].get("raced_out")] or names  # means over all seeds
+            top = max(full, key=lambda n: (cells[n]["accuracy"]["mean"], cells[n]["agreement"]["mean"] or 0))
             lines.append(f"| {row} | " + " | ".join(
                 (f"**{pm(cells[n]['accuracy'])}**" if n == top else pm(cells[n]["accuracy"]))
                 + ("†" if cells[n]["accuracy"].get("raced_out") else "") for n in names) + " |")
@@ -178,6 +187,10 @@ def markdown(results: dict) -> str:
              f"AST alpha {c['alpha']}, T {c['temperature']}, top-k {s['top_k']}, divergence {c['divergence']}; "
              f"PGD eps {c['pgd_eps']}, step {c['pgd_step']}, {c['pgd_steps']} steps; NT w {c['nt_weight']}, "
              f"T {c['nt_temperature']}.",
+             *([f"- Where a row's network trains otherwise (the scale's reduction of its recipe, a variant's fields): "
+                + "; ".join(f"{r}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in o.items()) for r, o in s["recipes"].items() if o) + "."]
+               if any(s.get("recipes", {}).values()) else []),
              (f"- Robust accuracy: the test set under PGD L-inf, eps {s['robustness']['eps']:.4g}, step "
               f"{s['robustness']['step']:.4g}, {s['robustness']['steps']} steps, random start (setting "
               f"`{s['robustness']['setting']}`, training/robustness.py); an output defense leaves it as the network's."

@@ -77,14 +77,17 @@ def t975(df: int) -> float:
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
-def over_seeds(values: list[float]) -> dict:
+def over_seeds(values: list[float], difference: bool = False) -> dict:
     """Mean and sample standard deviation (0 for one seed) of a result over seeds, with the values, and the
     half-width of the mean's 95% confidence interval, t(0.975, n-1) * std / sqrt(n) (None for one seed: no
-    interval can be given). For a difference taken seed by seed (a paired comparison) this is the paired t
-    interval; `significant` says whether it excludes 0."""
+    interval can be given). For a `difference` taken seed by seed (a paired comparison) this is the paired t
+    interval, and `significant` says whether it excludes 0 (None for one seed, and for values that do not vary at
+    all: one measurement repeated, e.g. the teachers' difference when --teacher-seed trains them once)."""
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     ci = t975(n - 1) * std / math.sqrt(n) if n > 1 else None
-    return {"mean": mean, "std": std, "ci95": ci, "values": list(values),
-            "significant": None if ci is None else abs(mean) > ci}
+    out = {"mean": mean, "std": std, "ci95": ci, "values": list(values)}
+    if difference:
+        out["significant"] = None if ci is None or std == 0 else abs(mean) > ci
+    return out

@@ -152,6 +152,7 @@ def validate(cfg: Config) -> None:
         (cfg.epochs >= 1 and (cfg.base_epochs or 1) >= 1, "epochs must be at least 1"),
         (cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be at least 1"),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.base_lr is None or cfg.base_lr > 0, f"--base-lr must be positive, got {cfg.base_lr}"),
         (cfg.crop_pad >= 0, f"--crop-pad must be >= 0, got {cfg.crop_pad}"),
         (cfg.pgd_eps >= 0 and cfg.pgd_step >= 0 and cfg.pgd_steps >= 0, "PGD settings must be >= 0"),
         (cfg.limit_train is None or cfg.limit_train >= 1, f"--limit-train must be positive, got {cfg.limit_train}"),

@@ -106,6 +106,6 @@ def _attack_all(model, images, labels, cfg: PGDConfig, batch_size: int, device, 
         with autocast:  # the model's passes only: the step itself and the set stay float32 / float16
             x_adv = pgd_linf(model, x, y, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
                              random_start=cfg.random_start, generator=g)
-        out.append(x_adv.float().half().cpu())  # the set waits on the CPU
+        out.append(x_adv.half().cpu())  # the set waits on the CPU
     adv = torch.cat(out) if out else torch.zeros((0, *images.shape[1:]), dtype=torch.float16)
     return distributed.cat_ranks(adv)

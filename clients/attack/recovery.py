@@ -96,7 +96,8 @@ def thief_models(setting: Setting, images: Tensor, labels: Tensor, classes: int,
     cfg = make_config(None, dataset=f"thief-{digest}", arch=s.arch, epochs=epochs, lr=s.lr, batch_size=s.batch_size,
                       crop_pad=s.crop_pad, flip=s.flip, seed=s.seed, teacher=recipe,
                       **({"ood": "noise"} if TEACHERS[recipe].needs_ood and "ood" not in hyper else {}), **hyper)
-    key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    settings = {k: v for k, v in cfg.to_dict().items() if not (k == "base_lr" and v is None)}  # keys kept from before
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     out = setting.out / "teachers" / f"{recipe}-{key}"  # its data and settings: another run trains its own
     summary = run(cfg, out, device=str(setting.device), cache_dir=setting.out / "teachers" / ".cache",
                   resume=True, progress=setting.progress, data=data, export=False)

@@ -166,6 +166,7 @@ def test_every_row_is_attacked_by_the_whole_suite_and_judged_by_its_worst_case(s
     assert resistance == pytest.approx(r["worst_case"]["base"]["digits_cnn"]["accuracy"]["mean"]
                                        - r["worst_case"]["ast"]["digits_cnn"]["accuracy"]["mean"])
     assert r["resistance"]["base"]["digits_cnn"]["mean"] == 0.0
+    assert r["worst_case"]["ast"]["digits_cnn"]["change_from_base"]["mean"] == pytest.approx(-resistance)
     md = (root / "suite" / "results.md").read_text()
     assert "## The attack suite (query protocol)" in md and "worst-case digits_cnn (%)" in md
     assert (root / "suite" / "attacks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -360,6 +361,22 @@ def test_a_race_runs_only_the_first_seeds_close_attacks_again_with_the_scales_at
     assert cells["noise"]["accuracy"]["raced_out"] and len(cells["noise"]["accuracy"]["values"]) == 1
     assert "raced_out" not in cells["soft"]["accuracy"] and len(cells["soft"]["accuracy"]["values"]) == 2
     assert r["worst_case"]["base"]["digits_cnn"]["attacks"] == ["soft", "soft"]
+    assert r["worst_case"]["base"]["digits_cnn"]["raced_out"] == ["noise"]  # judged by fewer attacks: said so
     assert first["noise"]["settings"]["mode"] == "hard" and r["settings"]["attack_params"]["noise"] == {"mode": "hard"}
     md = (tmp_path / "r" / "results.md").read_text()
-    assert "† raced out" in md and "noise mode=hard" in md
+    assert "† raced out" in md and "noise mode=hard" in md and "† the seeds after the first ran only" in md
+    assert r["settings"]["recipes"] == {"base": {}}
+
+
+def test_a_scales_attack_parameter_that_does_not_exist_fails_before_anything_trains(tmp_path, monkeypatch):
+    import dataclasses
+
+    import evaluation.config as config
+    import evaluation.evaluate as evaluate
+    monkeypatch.setitem(config.SCALES, "smoke", dataclasses.replace(config.SCALES["smoke"],
+                                                                    attacks={"noise": {"rounds": 2}}))
+    argv = ["--dataset", "digits", "--scale", "smoke", "--teachers", "base", "--attacks", "noise",
+            "--out", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--no-progress"]
+    with pytest.raises(ValueError, match="attack 'noise' has no parameter 'rounds'; it takes mode"):
+        evaluate.Evaluation(evaluate.parse_args(argv))
+    assert not (tmp_path / "w" / "teachers").exists()

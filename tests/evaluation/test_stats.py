@@ -44,16 +44,18 @@ def test_describe_is_mean_population_variance_min_max():
 def test_over_seeds_uses_the_sample_standard_deviation():
     cell = over_seeds([0.5, 0.7])
     assert cell["mean"] == pytest.approx(0.6) and cell["std"] == pytest.approx(math.sqrt(0.02))
-    assert over_seeds([0.3]) == {"mean": 0.3, "std": 0.0, "ci95": None, "values": [0.3], "significant": None}
+    assert over_seeds([0.3]) == {"mean": 0.3, "std": 0.0, "ci95": None, "values": [0.3]}  # no interval, no claim
+    assert over_seeds([0.3], difference=True)["significant"] is None
 
 
 def test_over_seeds_gives_the_t_interval_of_the_mean():
     # Three seeds: t(0.975, 2) = 4.3027; values 1, 2, 3 have std 1, so the half-width is 4.3027 / sqrt(3) = 2.484.
-    cell = over_seeds([1.0, 2.0, 3.0])
+    cell = over_seeds([1.0, 2.0, 3.0], difference=True)
     assert cell["ci95"] == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
     assert cell["significant"] is False  # 2 +- 2.48 holds 0
     # A paired difference steady over the seeds is told apart from 0.
-    assert over_seeds([0.02, 0.03, 0.025])["significant"] is True
+    assert over_seeds([0.02, 0.03, 0.025], difference=True)["significant"] is True
+    assert "significant" not in over_seeds([0.02, 0.03, 0.025])  # an accuracy is not a claim about 0
     # Many seeds: t(0.975, 99) = 1.9842.
     wide = over_seeds([float(i % 2) for i in range(100)])
     assert wide["ci95"] == pytest.approx(1.9842 * wide["std"] / 10, rel=1e-4)

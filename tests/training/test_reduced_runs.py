@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from training.config import make_config, validate
-from training.pgd import PGDConfig, adversarial_set
 from training.loop import RunError
+from training.pgd import PGDConfig, adversarial_set
 from training.train_ast import run, stage_settings
 
 
@@ -104,6 +104,9 @@ def test_a_fine_tuning_at_its_own_rate_reuses_the_base_trained_at_the_base_rate(
     assert tuned["base"]["test_accuracy"] == base["test_accuracy"]
     stage = json.loads((tmp_path / "t" / "metrics.json").read_text())["settings"]
     assert stage["lr"] == 0.01 and stage["base_lr"] == 0.05
+    assert "base_lr" not in stage_settings(make_config("digits", teacher="stt"), "stt", 1, 2)  # old keys kept
+    with pytest.raises(ValueError, match="--base-lr must be positive"):
+        validate(make_config("digits", base_lr=0.0))
     # Without base_lr, the base's settings would be the fine-tuning's rate: another base, which the shared one is not.
     with pytest.raises(RunError, match="differs in: lr"):
         run(make_config("digits", teacher="stt", epochs=1, base_epochs=2, lr=0.01, init_from_base=True),
