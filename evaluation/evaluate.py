@@ -35,7 +35,7 @@ import torch
 from astguard.card import CardError
 from astguard.cli import Parser, add_options, from_args
 from clients.attack.answers import TransferSet, buy_cached, digest
-from clients.attack.attacks import ATTACKS, Setting, attack_names, run_attack, worst_case
+from clients.attack.attacks import ATTACKS, Setting, attack_names, attack_settings, run_attack, worst_case
 from clients.attack.queries import plan_queries
 from clients.attack.student import StudentSpec, distillation
 from clients.attack.victim import OnnxVictim, answers, open_endpoint
@@ -150,11 +150,11 @@ class Evaluation:
                 raise ValueError(f"--teachers {served[0]} is a serving-time defense, evaluated with the query "
                                  "protocol; add query to --protocols")
         self.attacks = attack_names(cfg.attacks, allow_none=True) if "query" in cfg.protocols else []
-        for name, params in self.scale.attacks.items():  # a scale's attack parameters fail now, not after training
-            unknown = set(params) - set(ATTACKS[name].defaults)
-            if unknown:
-                raise ValueError(f"scale {cfg.scale}: attack {name!r} has no parameter {sorted(unknown)[0]!r}; it "
-                                 f"takes {', '.join(ATTACKS[name].defaults) or 'none'}")
+        for name in self.scale.attacks:  # a scale's attack parameters fail now, not after training
+            try:
+                self.attack_params(name)
+            except ValueError as e:
+                raise ValueError(f"scale {cfg.scale}: {e}") from None
         self.trained = {"teacher_epochs": 0, "student_epochs": 0, "attacks": 0}
         self.seconds = {"teachers": 0.0, "paper_students": 0.0, "query_students": 0.0, "attacks": 0.0}
 
@@ -451,7 +451,7 @@ class Evaluation:
     # -- the attack suite (query protocol)
     def attack_params(self, name: str) -> dict:
         """An attack's parameters: its defaults, and the scale's overrides (a reduced recovery...)."""
-        return {**ATTACKS[name].defaults, **self.scale.attacks.get(name, {})}
+        return attack_settings(name, self.scale.attacks.get(name, {}))
 
     def attack_place(self, arch: str, name: str, student_seed: int, source: dict) -> tuple[dict, Path, Path]:
         """An attack's settings (as JSON stores them, so that the key read back compares equal), its result's folder
@@ -528,7 +528,7 @@ class Evaluation:
                                           seed=cfg.seed, answers_dir=answers_dir)
                         try:
                             with exclusive(answers_dir.with_name(answers_dir.name + ".lock")):
-                                result = run_attack(name, setting, **self.scale.attacks.get(name, {}))
+                                result = run_attack(name, setting, **self.attack_params(name))
                         except AstguardError as e:
                             raise RunError(f"--url {self.eval_cfg.url}, during the {name} attack: {e}") from None
                         self.seconds["attacks"] += time.time() - t0
@@ -681,7 +681,8 @@ def aggregate(per_seed: list[dict], rows: list[Row], students: list[str], protoc
                                                for a in students}
                 for a in students:  # the same, as the change a reader compares with the other "vs Base" columns
                     out["worst_case"][row.name][a]["change_from_base"] = diff(
-                        lambda r: _worst(r, row.name, a)["student_accuracy"] - _worst(r, base_name, a)["student_accuracy"])
+                        lambda r: _worst(r, row.name, a)["student_accuracy"]
+                        - _worst(r, base_name, a)["student_accuracy"])
     for row in rows:
         out["statistics"][row.name] = {
             stat: {k: cell(lambda r: r["statistics"][row.name][stat][k])["mean"] for k in ("mean", "var", "min", "max")}

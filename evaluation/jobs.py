@@ -1,8 +1,9 @@
 """evaluate --jobs N: the evaluation's independent jobs (Evaluation.waves) in N spawned worker processes.
 
 The waves depend only on earlier ones: the base networks, the other teacher networks (which share their base),
-then every seed's student groups (with a race, the later seeds' attack suites in a wave of their own). Each worker keeps the data and networks it loaded for its next job; results land
-in the work directory's caches, where the parent's sequential pass reads them back.
+then every seed's student groups (with a race, the later seeds' attack suites in a wave of their own). Each worker
+keeps the data and networks it loaded for its next job; results land in the work directory's caches, where the
+parent's sequential pass reads them back.
 """
 from __future__ import annotations
 

@@ -128,7 +128,8 @@ def accuracy_table(results: dict, protocol: str, rows: list[str]) -> list[str]:
             for s_ in students:
                 w = worst.get(name, {}).get(s_)
                 r = results.get("resistance", {}).get(name, {}).get(s_)
-                cells += [pm(w["accuracy"]) + ("†" if w.get("raced_out") else ""), _by(w["attacks"])] if w else ["", ""]
+                raced = "†" if w and w.get("raced_out") else ""
+                cells += [pm(w["accuracy"]) + raced, _by(w["attacks"])] if w else ["", ""]
                 cells.append(pm(r, signed=True, mark=True) if r else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines

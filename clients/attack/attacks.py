@@ -137,15 +137,21 @@ def attack_names(text: str, *, allow_none: bool = False) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def run_attack(name: str, setting: Setting, **params) -> dict:
-    """One attack, scored on the thief's test set: student_accuracy (and, with the victim's test answers, agreement
-    with the victim and KL(victim || student)), queries_used, seconds, settings, and what it chose."""
+def attack_settings(name: str, params: dict) -> dict:
+    """An attack's parameters: its defaults with `params` over them; a parameter it does not take is an error."""
     attack = ATTACKS[name]
     unknown = set(params) - set(attack.defaults)
     if unknown:
         raise ValueError(f"attack {name!r} has no parameter {sorted(unknown)[0]!r}; it takes "
                          f"{', '.join(attack.defaults) or 'none'}")
-    settings = {**attack.defaults, **params}
+    return {**attack.defaults, **params}
+
+
+def run_attack(name: str, setting: Setting, **params) -> dict:
+    """One attack, scored on the thief's test set: student_accuracy (and, with the victim's test answers, agreement
+    with the victim and KL(victim || student)), queries_used, seconds, settings, and what it chose."""
+    attack = ATTACKS[name]
+    settings = attack_settings(name, params)
     setting.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stolen = attack.run(setting, **settings)
